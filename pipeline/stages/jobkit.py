@@ -1,0 +1,60 @@
+"""What every job entry point shares: arguments, config, Ray, an MLflow run, a summary.
+
+A job module is then three lines: `main = job_main("ingest", run_ingest)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, PipelineConfig, config_to_dict, load_config
+from pipeline.stages import runtime, tracking
+
+StageFn = Callable[[PipelineConfig, tracking.Tracker], Any]
+
+
+def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=f"llm2clip-pipeline: {stage} job")
+    parser.add_argument("--config", required=True, help="YAML config file (e.g. configs/local.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set ingest.source=/data/listing.jsonl (repeatable)",
+    )
+    parser.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    return parser.parse_args(argv)
+
+
+def job_main(stage: str, run: StageFn) -> Callable[[list[str] | None], int]:
+    def main(argv: list[str] | None = None) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        args = parse_args(stage, argv)
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.validate_only:
+            print(f"{args.config}: valid")
+            return 0
+        start = time.time()
+        address = runtime.connect(cfg.ray, cfg.run_dir)
+        config_text = Path(args.config).read_text() + "".join(f"# --set {o}\n" for o in args.overrides)
+        resolved = config_to_dict(cfg)
+        with tracking.start_run(cfg.mlflow, stage, resolved, config_text=config_text) as tracker:
+            result = run(cfg, tracker)
+            tracker.log_metrics({"wall_seconds": time.time() - start})
+        summary = result.summary() if hasattr(result, "summary") else result
+        print(f"\n== {stage} finished in {time.time() - start:.1f}s on Ray at {address}")
+        print(yaml.safe_dump(json.loads(json.dumps(summary, default=str)), sort_keys=False).rstrip())
+        return 0
+
+    return main

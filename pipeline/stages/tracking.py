@@ -1,0 +1,126 @@
+"""MLflow tracking for every job: one run per job, nestable under a parent run.
+
+`Tracker` wraps an explicit `MlflowClient` and run id (no fluent global state), so the
+same object works on the driver and, passed by run id, on rank 0 of a Ray Train job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.time import get_current_time_millis
+
+from pipeline.config import MlflowConfig
+from pipeline.versioning import code_version
+
+log = logging.getLogger(__name__)
+
+_PARAM_MAX = 6000  # MLflow's param value limit is 6000 characters
+
+
+class Tracker:
+    """Logs to one MLflow run; a disabled tracker (mlflow.enabled: false) does nothing."""
+
+    def __init__(self, client: MlflowClient | None, run_id: str | None, tracking_uri: str | None = None):
+        self.client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None and self.run_id is not None
+
+    @property
+    def url(self) -> str | None:
+        if not self.enabled or not (self.tracking_uri or "").startswith("http"):
+            return None
+        run = self.client.get_run(self.run_id)
+        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.enabled and params:
+            items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow accepts 100 params per batch
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        if self.enabled and metrics:
+            now = get_current_time_millis()
+            items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled and tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            path = Path(path)
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+@contextmanager
+def start_run(
+    cfg: MlflowConfig,
+    stage: str,
+    config: Mapping[str, Any],
+    config_text: str | None = None,
+    run_name: str | None = None,
+) -> Iterator[Tracker]:
+    """An MLflow run for one job: records the config verbatim, its flattened params,
+    the code version and the stage; ends FINISHED, or FAILED if the job raises."""
+    if not cfg.enabled:
+        yield Tracker(None, None)
+        return
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
+    tags = {"mlflow.runName": run_name or stage, "llm2clip.stage": stage}
+    tags.update({f"llm2clip.code.{k}": str(v) for k, v in code_version().items() if v})
+    if cfg.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.parent_run_id
+    run = client.create_run(experiment_id, tags=tags)
+    tracker = Tracker(client, run.info.run_id, cfg.tracking_uri)
+    tracker.log_params(flatten(config))
+    tracker.log_dict(dict(config), "config/resolved.json")
+    if config_text is not None:
+        tracker.log_text(config_text, "config/config.yaml")
+    try:
+        yield tracker
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON strings."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out
+

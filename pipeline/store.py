@@ -1,0 +1,392 @@
+"""Versioned Parquet stores with atomic, idempotent commits and lineage.
+
+Layout under `store_uri` (a local path or any pyarrow filesystem URI, e.g. s3://bucket/x):
+
+    {store}/{version}/data/{commit_id}/part-*.parquet   data files of one commit
+    {store}/{version}/_commits/{time}-{commit_id}.json  commit records (the only truth)
+
+A version is a named, append-only dataset (an ingest's dataset name, a caption_version,
+an encoder_version). Writers add *commits*: data files go to a commit-private folder first,
+then one small JSON record is moved into `_commits/`. Readers only see files listed by
+commit records, so a writer that dies half-way leaves nothing visible (its orphan files
+are removed by `gc`). Rewriting rows whose key already exists in the version adds nothing,
+so re-running a stage is idempotent. Every commit record carries its lineage.
+
+Concurrency: one writer per version at a time (each stage owns its output version).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from schemas import STORE_KEYS, STORE_SCHEMAS, embeddings_schema
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class StoreError(RuntimeError):
+    """Base class for store errors."""
+
+
+class SchemaMismatchError(StoreError):
+    """Data on disk (or handed to a writer) does not match the store's Arrow schema."""
+
+
+class VersionNotFoundError(StoreError):
+    """The requested version has no committed data."""
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a pyarrow filesystem URI."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pafs.FileSystem.from_uri(uri)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One atomic addition of rows to a store version."""
+
+    commit_id: str
+    store: str
+    version: str
+    files: tuple[str, ...]
+    num_rows: int
+    created_at: str
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "commit_id": self.commit_id,
+                "store": self.store,
+                "version": self.version,
+                "files": list(self.files),
+                "num_rows": self.num_rows,
+                "created_at": self.created_at,
+                "lineage": self.lineage,
+            },
+            indent=2,
+            sort_keys=True,
+            default=str,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Commit:
+        d = json.loads(text)
+        return cls(
+            commit_id=d["commit_id"],
+            store=d["store"],
+            version=d["version"],
+            files=tuple(d["files"]),
+            num_rows=int(d["num_rows"]),
+            created_at=d["created_at"],
+            lineage=d.get("lineage", {}),
+        )
+
+
+class Store:
+    """One named store (manifest, captions, embeddings, rejects) under a `store_uri`."""
+
+    def __init__(self, store_uri: str, name: str):
+        if name not in STORE_SCHEMAS:
+            raise StoreError(f"unknown store {name!r}; known: {sorted(STORE_SCHEMAS)}")
+        self.store_uri = store_uri
+        self.name = name
+        self.key = STORE_KEYS[name]
+        self.fs, root = resolve_filesystem(store_uri)
+        self.root = f"{root.rstrip('/')}/{name}"
+
+    def __repr__(self) -> str:
+        return f"Store({self.store_uri!r}, {self.name!r})"
+
+    # ----------------------------------------------------------------- reading
+    def versions(self) -> list[str]:
+        """Versions with at least one commit, sorted by name."""
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.Directory and self.commits(info.base_name):
+                out.append(info.base_name)
+        return sorted(out)
+
+    def commits(self, version: str) -> list[Commit]:
+        """Committed commits of a version, oldest first."""
+        _check_version(version)
+        selector = pafs.FileSelector(f"{self.root}/{version}/_commits", allow_not_found=True)
+        infos = [
+            i
+            for i in self.fs.get_file_info(selector)
+            if i.type == pafs.FileType.File and i.base_name.endswith(".json") and not i.base_name.startswith(".")
+        ]
+        commits = []
+        for info in sorted(infos, key=lambda i: i.base_name):
+            with self.fs.open_input_stream(info.path) as f:
+                commits.append(Commit.from_json(f.read().decode()))
+        return commits
+
+    def files(self, version: str, commits: Iterable[Commit] | None = None) -> list[str]:
+        """Absolute paths (on `self.fs`) of the data files of a version's commits."""
+        selected = self.commits(version) if commits is None else list(commits)
+        return [f"{self.root}/{version}/{rel}" for c in selected for rel in c.files]
+
+    def num_rows(self, version: str) -> int:
+        return sum(c.num_rows for c in self.commits(version))
+
+    def read(
+        self,
+        version: str,
+        columns: list[str] | None = None,
+        commits: Iterable[Commit] | None = None,
+    ) -> pa.Table:
+        """All committed rows of a version (optionally of some commits), schema-checked."""
+        selected = self.commits(version) if commits is None else list(commits)
+        if commits is None and not selected:
+            raise VersionNotFoundError(
+                f"store {self.name!r} has no version {version!r} under {self.store_uri}; "
+                f"versions: {self.versions() or 'none'}"
+            )
+        schema = self.schema_for(version, selected)
+        tables = []
+        for path in self.files(version, selected):
+            self._check_file_schema(path, schema)
+            tables.append(pq.read_table(path, filesystem=self.fs, columns=columns, schema=schema))
+        if not tables:
+            empty = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+            return empty.empty_table()
+        return pa.concat_tables(tables)
+
+    def iter_batches(self, version: str, batch_size: int = 4096, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream a version's rows without loading it whole."""
+        schema = self.schema_for(version)
+        for path in self.files(version):
+            self._check_file_schema(path, schema)
+            with self.fs.open_input_file(path) as f:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+    def keys(self, version: str) -> set[tuple]:
+        """The key tuples already present in a version (reads only the key columns)."""
+        if not self.commits(version):
+            return set()
+        table = self.read(version, columns=list(self.key))
+        return set(zip(*(table.column(k).to_pylist() for k in self.key)))
+
+    def lineage(self, version: str) -> list[dict[str, Any]]:
+        """Lineage of every commit of a version, oldest first."""
+        return [
+            {"commit_id": c.commit_id, "created_at": c.created_at, "num_rows": c.num_rows, **c.lineage}
+            for c in self.commits(version)
+        ]
+
+    def schema_for(self, version: str, commits: list[Commit] | None = None) -> pa.Schema:
+        """The expected schema; for embeddings the list size comes from the stored `dim`."""
+        if self.name != "embeddings":
+            return STORE_SCHEMAS[self.name]
+        for c in self.commits(version) if commits is None else commits:
+            if "dim" in c.lineage:
+                return embeddings_schema(int(c.lineage["dim"]))
+        return STORE_SCHEMAS[self.name]
+
+    def _check_file_schema(self, path: str, expected: pa.Schema) -> None:
+        with self.fs.open_input_file(path) as f:
+            actual = pq.read_schema(f)
+        problems = schema_problems(actual, expected)
+        if problems:
+            raise SchemaMismatchError(
+                f"store {self.name!r} file {path} does not match schemas.{self.name}: " + "; ".join(problems)
+            )
+
+    # ----------------------------------------------------------------- writing
+    def append(self, version: str, table: pa.Table, lineage: dict[str, Any] | None = None) -> Commit | None:
+        """Atomically add the rows of `table` whose key is not yet in `version`.
+
+        Returns the commit, or None when every row already existed (nothing written).
+        """
+        with self.begin(version, lineage) as txn:
+            txn.write(table)
+            return txn.commit()
+
+    def begin(self, version: str, lineage: dict[str, Any] | None = None) -> Transaction:
+        """Start an atomic commit: write one or more tables (or let Ray Data write files
+        into `txn.staging_dir`), then `commit()`. Leaving the `with` block without
+        committing removes the staged files."""
+        _check_version(version)
+        return Transaction(self, version, lineage or {})
+
+    def prepare(self, table: pa.Table) -> pa.Table:
+        """Cast a table to the store's schema, with an error naming the bad column."""
+        if self.name == "embeddings":
+            dims = pc.unique(table.column("dim")).to_pylist() if "dim" in table.column_names else []
+            if len(dims) > 1:
+                raise SchemaMismatchError(f"store 'embeddings': one version holds one dim, got {dims}")
+            schema = embeddings_schema(int(dims[0])) if dims else STORE_SCHEMAS["embeddings"]
+        else:
+            schema = STORE_SCHEMAS[self.name]
+        missing = [f.name for f in schema if f.name not in table.column_names]
+        extra = [n for n in table.column_names if n not in schema.names]
+        if missing or extra:
+            raise SchemaMismatchError(
+                f"store {self.name!r}: rows do not match schemas.{self.name}: "
+                + ", ".join([f"missing column {m!r}" for m in missing] + [f"unexpected column {e!r}" for e in extra])
+            )
+        columns = []
+        for f in schema:
+            col = table.column(f.name)
+            try:
+                columns.append(col.cast(f.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise SchemaMismatchError(
+                    f"store {self.name!r}: column {f.name!r} has type {col.type}, expected {f.type}: {e}"
+                ) from e
+            if not f.nullable and col.null_count:
+                raise SchemaMismatchError(f"store {self.name!r}: column {f.name!r} has {col.null_count} nulls")
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    def gc(self, version: str) -> list[str]:
+        """Delete data folders that no commit record references (left by dead writers)."""
+        committed = {c.commit_id for c in self.commits(version)}
+        selector = pafs.FileSelector(f"{self.root}/{version}/data", allow_not_found=True)
+        removed = []
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.Directory and info.base_name not in committed:
+                self.fs.delete_dir(info.path)
+                removed.append(info.path)
+        return removed
+
+
+class Transaction:
+    """A commit in progress. Only `commit()` makes its rows visible."""
+
+    def __init__(self, store: Store, version: str, lineage: dict[str, Any]):
+        self.store = store
+        self.version = version
+        self.lineage = dict(lineage)
+        # Time-prefixed ids keep commit records in write order when listed by name.
+        self.commit_id = f"{utc_now().strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}"
+        self.staging_dir = f"{store.root}/{version}/data/{self.commit_id}"
+        self._existing: set[tuple] | None = None
+        self._seen: set[tuple] = set()
+        self._parts = 0
+        self._committed = False
+        store.fs.create_dir(self.staging_dir, recursive=True)
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed:
+            self.abort()
+
+    def write(self, table: pa.Table) -> int:
+        """Stage rows whose key is new to the version (and to this commit). Returns rows kept."""
+        table = self.store.prepare(table)
+        if self._existing is None:
+            self._existing = self.store.keys(self.version)
+        keys = list(zip(*(table.column(k).to_pylist() for k in self.store.key)))
+        keep = []
+        for k in keys:
+            new = k not in self._existing and k not in self._seen
+            keep.append(new)
+            if new:
+                self._seen.add(k)
+        table = table.filter(pa.array(keep, type=pa.bool_())) if keys else table
+        if table.num_rows == 0:
+            return 0
+        path = f"{self.staging_dir}/part-{self._parts:05d}.parquet"
+        pq.write_table(table, path, filesystem=self.store.fs, compression="zstd")
+        self._parts += 1
+        return table.num_rows
+
+    def commit(self, extra_lineage: dict[str, Any] | None = None) -> Commit | None:
+        """Publish the staged files atomically. Files written into `staging_dir` by other
+        writers (Ray Data's `write_parquet`) are included and schema-checked."""
+        fs, store = self.store.fs, self.store
+        infos = fs.get_file_info(pafs.FileSelector(self.staging_dir, recursive=True, allow_not_found=True))
+        data_files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        num_rows = 0
+        expected = None
+        for path in data_files:
+            with fs.open_input_file(path) as f:
+                meta = pq.read_metadata(f)
+                num_rows += meta.num_rows
+                if expected is None:
+                    actual = meta.schema.to_arrow_schema()
+                    if store.name == "embeddings" and pa.types.is_fixed_size_list(actual.field("embedding").type):
+                        self.lineage.setdefault("dim", actual.field("embedding").type.list_size)
+                    expected = store.schema_for(self.version, [_fake_commit(self.lineage)])
+                problems = schema_problems(meta.schema.to_arrow_schema(), expected)
+                if problems:
+                    raise SchemaMismatchError(f"store {store.name!r}: staged file {path}: " + "; ".join(problems))
+        if num_rows == 0:
+            self.abort()
+            self._committed = True
+            return None
+        version_dir = f"{store.root}/{self.version}"
+        commit = Commit(
+            commit_id=self.commit_id,
+            store=store.name,
+            version=self.version,
+            files=tuple(p[len(version_dir) + 1 :] for p in data_files),
+            num_rows=num_rows,
+            created_at=utc_now().isoformat(),
+            lineage={**self.lineage, **(extra_lineage or {})},
+        )
+        commits_dir = f"{version_dir}/_commits"
+        fs.create_dir(commits_dir, recursive=True)
+        tmp = f"{commits_dir}/.tmp-{self.commit_id}.json"
+        with fs.open_output_stream(tmp) as f:
+            f.write(commit.to_json().encode())
+        # The move is the commit point: atomic rename locally, atomic PUT on object stores.
+        fs.move(tmp, f"{commits_dir}/{self.commit_id}.json")
+        self._committed = True
+        return commit
+
+    def abort(self) -> None:
+        try:
+            self.store.fs.delete_dir(self.staging_dir)
+        except FileNotFoundError:
+            pass
+
+
+def _fake_commit(lineage: dict[str, Any]) -> Commit:
+    return Commit("", "", "", (), 0, "", lineage)
+
+
+def schema_problems(actual: pa.Schema, expected: pa.Schema) -> list[str]:
+    """Human-readable differences between a file's schema and the store's schema."""
+    problems = []
+    for f in expected:
+        idx = actual.get_field_index(f.name)
+        if idx < 0:
+            problems.append(f"missing column {f.name!r}")
+            continue
+        got = actual.field(idx).type
+        if not got.equals(f.type):
+            problems.append(f"column {f.name!r} has type {got}, expected {f.type}")
+    for name in actual.names:
+        if expected.get_field_index(name) < 0:
+            problems.append(f"unexpected column {name!r}")
+    return problems
+
+
+def _check_version(version: str) -> None:
+    if not _VERSION_RE.match(version or ""):
+        raise StoreError(
+            f"invalid version name {version!r}: use 1-128 letters, digits, '.', '_' or '-', starting alphanumeric"
+        )

@@ -1,0 +1,52 @@
+"""Stable content hashes and the code version recorded in every lineage record."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """Short sha256 of the canonical JSON of `obj` (key order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@cache
+def code_version() -> dict[str, str | None]:
+    """What code produced an artifact: the git commit when there is one, and always a
+    digest of the library's source (jobs submitted with --working-dir have no .git)."""
+    digest = hashlib.sha256()
+    for folder in ("pipeline", "jobs", "schemas"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO_ROOT)).encode())
+            digest.update(path.read_bytes())
+    try:
+        package = metadata.version("llm2clip-pipeline")
+    except metadata.PackageNotFoundError:
+        package = None
+    return {"git_commit": _git_commit(), "source_sha256": digest.hexdigest()[:16], "package": package}
+
+
+def _git_commit() -> str | None:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,86 @@
+"""Arrow schemas of every store. The store library validates reads and writes against these.
+
+Each store is a versioned Parquet dataset (see `pipeline.store`). Columns are documented
+with field metadata so `pyarrow` readers and the MLflow artifacts carry the meaning too.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
+
+
+IMAGE_MANIFEST = pa.schema(
+    [
+        _field("image_id", pa.string(), "stable id: first 16 hex chars of the image bytes' sha256"),
+        _field("uri", pa.string(), "where the image bytes live: local path or pyarrow filesystem URI"),
+        _field("sha256", pa.string(), "sha256 of the image bytes"),
+        _field("width", pa.int32(), "decoded width in pixels"),
+        _field("height", pa.int32(), "decoded height in pixels"),
+        _field("mode", pa.string(), "PIL mode of the stored image (RGB, L, RGBA, ...)"),
+        _field("split", pa.string(), "train, val or test"),
+        _field("captions", pa.list_(pa.string()), "original (short, alt-text style) captions"),
+        _field("metadata", pa.string(), "free-form JSON, e.g. a synthetic scene's ground truth", True),
+        _field("ingested_at", pa.timestamp("us", tz="UTC"), "when the row was added"),
+    ]
+)
+
+CAPTIONS = pa.schema(
+    [
+        _field("caption_id", pa.string(), "stable id: hash of (image_id, caption_version, source, index, text)"),
+        _field("image_id", pa.string(), "joins the image manifest"),
+        _field("text", pa.string(), "the caption"),
+        _field("source", pa.string(), "original | dense | paraphrase"),
+        _field("caption_version", pa.string(), "'original', 'provided' or the hash of the recaption config"),
+        _field("model", pa.string(), "model that wrote it ('' for human/alt-text captions)"),
+        _field("prompt_id", pa.string(), "id of the prompt template ('' when none)"),
+        _field("created_at", pa.timestamp("us", tz="UTC"), "when the row was written"),
+    ]
+)
+
+
+def embeddings_schema(dim: int | None = None) -> pa.Schema:
+    """The embedding store's schema; `dim` fixes the size of the embedding list."""
+    list_type = pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
+    return pa.schema(
+        [
+            _field("caption_id", pa.string(), "joins the caption store"),
+            _field("image_id", pa.string(), "joins the image manifest"),
+            _field("text_sha256", pa.string(), "sha256 of the encoded text (skip key with encoder_version)"),
+            _field("encoder_version", pa.string(), "identifies weights + pooling + attention mode"),
+            _field("dim", pa.int32(), "embedding dimension"),
+            _field("embedding", list_type, "float32 caption embedding, fixed-size list"),
+        ]
+    )
+
+
+EMBEDDINGS = embeddings_schema()
+
+REJECTS = pa.schema(
+    [
+        _field("stage", pa.string(), "stage that rejected the record (ingest, recaption, embed, ...)"),
+        _field("record_id", pa.string(), "id of the rejected record (uri, image_id or caption_id)"),
+        _field("reason", pa.string(), "machine-readable reason, e.g. not_an_image, too_large"),
+        _field("detail", pa.string(), "human-readable detail"),
+        _field("time", pa.timestamp("us", tz="UTC"), "when it was rejected"),
+    ]
+)
+
+#: store name -> schema; the embedding store's list size is checked against its `dim` column.
+STORE_SCHEMAS: dict[str, pa.Schema] = {
+    "manifest": IMAGE_MANIFEST,
+    "captions": CAPTIONS,
+    "embeddings": EMBEDDINGS,
+    "rejects": REJECTS,
+}
+
+#: store name -> the column that identifies a row (rewrites never duplicate it).
+STORE_KEYS: dict[str, tuple[str, ...]] = {
+    "manifest": ("image_id",),
+    "captions": ("caption_id",),
+    "embeddings": ("caption_id",),
+    "rejects": ("stage", "record_id", "reason"),
+}

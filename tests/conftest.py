@@ -1,0 +1,100 @@
+"""Shared fixtures: a real local Ray cluster (token auth) and MLflow server on their own
+ports, so a developer's demo cluster is left alone, and the prepared models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_DIR = Path(os.environ.get("LLM2CLIP_RUN_DIR", REPO / ".run")).resolve()
+MODELS_DIR = RUN_DIR / "models"
+TEST_RUN_DIR = RUN_DIR / "test"
+PORTS = {"LLM2CLIP_RAY_PORT": "6390", "LLM2CLIP_DASHBOARD_PORT": "8275", "LLM2CLIP_MLFLOW_PORT": "5010", "LLM2CLIP_CLIENT_PORT": "9011", "LLM2CLIP_AGENT_PORT": "52375"}
+
+
+@pytest.fixture(scope="session")
+def models() -> dict[str, Path]:
+    from pipeline.model_zoo import prepare
+
+    return prepare(MODELS_DIR, tiny=True)
+
+
+def _cluster_cmd(action: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **PORTS, "LLM2CLIP_RUN_DIR": str(TEST_RUN_DIR)}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    return subprocess.run([str(REPO / "cluster/local.sh"), action], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The local cluster (Ray head + MLflow server); started here, stopped at the end if we started it."""
+    started = _cluster_cmd("status").returncode != 0
+    if started:
+        up = _cluster_cmd("up")
+        assert up.returncode == 0, up.stdout + up.stderr
+    env_file = TEST_RUN_DIR / "cluster.env"
+    from pipeline.stages.runtime import read_cluster_env
+
+    env = read_cluster_env(str(TEST_RUN_DIR))
+    assert env, f"cluster/local.sh wrote no {env_file}"
+    yield env
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if started and not os.environ.get("LLM2CLIP_KEEP_TEST_CLUSTER"):
+        _cluster_cmd("down")
+
+
+@pytest.fixture(scope="session")
+def ray_session(cluster):
+    """This test process as a driver of the local cluster."""
+    import ray
+
+    saved = {k: os.environ.get(k) for k in cluster}
+    os.environ.update(cluster)
+    if not ray.is_initialized():
+        ray.init(address=cluster["RAY_ADDRESS"], namespace="llm2clip-tests", log_to_driver=False)
+    yield cluster
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def job_env(cluster: dict[str, str]) -> dict[str, str]:
+    """Environment of a job process started by a test: the cluster's, with the venv first."""
+    env = {**os.environ, **cluster}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_config(path: Path, store: Path, cluster: dict[str, str], **sections) -> Path:
+    """A small config: the embedded default scaled down, stores under `store`."""
+    data = {
+        "run_dir": str(path.parent / "run"),
+        "store": {"uri": str(store)},
+        "ray": {"address": "auto"},
+        "mlflow": {"enabled": True, "tracking_uri": cluster["MLFLOW_TRACKING_URI"], "experiment": "llm2clip-tests"},
+        "models": {"dir": str(MODELS_DIR), "llm": str(MODELS_DIR / "smollm2-135m-instruct")},
+        "embedded": {"num_scenes": 24, "seed": 0, "image_size": 64, "paraphrases": 2, "samples": True},
+        "ingest": {"source": "embedded", "dataset": "embedded", "batch_size": 16},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_job(module: str, config: Path, cluster: dict[str, str], *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", module, "--config", str(config), *extra]
+    return subprocess.run(cmd, cwd=REPO, env=job_env(cluster), capture_output=True, text=True, timeout=timeout)

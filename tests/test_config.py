@@ -1,0 +1,67 @@
+"""Typed configs: YAML + env + --set overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, PipelineConfig, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_configs_validate():
+    local = load_config(REPO / "configs/local.yaml")
+    assert isinstance(local, PipelineConfig)
+    assert Path(local.store.uri).is_absolute()  # pinned for `ray job submit --working-dir`
+    paper = load_config(REPO / "configs/llama3-8b-eva02.yaml")
+    assert paper.models.llm == "meta-llama/Meta-Llama-3-8B-Instruct"  # a hub id stays an id
+    assert paper.finetune_text.lora.r == 16 and paper.finetune_text.scale == 50.0
+    assert paper.train_clip.global_batch_size == 4096 and paper.train_clip.layer_decay == 0.85
+    assert paper.store.uri.startswith("s3://")
+
+
+def test_overrides_are_typed():
+    cfg = load_config(REPO / "configs/local.yaml", ["ingest.batch_size=7", "embedded.samples=false", "ingest.caption_columns=[a, b]"])
+    assert cfg.ingest.batch_size == 7 and cfg.embedded.samples is False and cfg.ingest.caption_columns == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("ingest.batch_size=abc", "ingest.batch_size", "valid integer"),
+        ("ingest.batch_sise=3", "ingest.batch_sise", "unknown key"),
+        ("finetune_text.zero_stage=5", "finetune_text.zero_stage", "0, 1, 2 or 3"),
+        ("ingest.limits.max_side=-1", "ingest.limits.max_side", "greater than or equal to 1"),
+        ("ingest.split_fractions=[0.5, 0.5, 0.5]", "ingest.split_fractions", "sum to 1"),
+        ("train_clip.loss=hinge", "train_clip.loss", "'clip' or 'siglip'"),
+    ],
+)
+def test_errors_name_the_key(override, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs/local.yaml", [override])
+    line = next(line for line in str(err.value).splitlines() if line.strip().startswith(key + ":"))
+    assert words in line
+
+
+def test_missing_section_and_bad_override_syntax(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run_dir: /tmp/x\nmodels: {dir: /tmp/m, llm: /tmp/m/llm}\n")
+    with pytest.raises(ConfigError, match=r"store: Field required"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(REPO / "configs/local.yaml", ["ingest"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_environment_expansion(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("# ${NOT_EXPANDED_IN_COMMENTS}\nrun_dir: ${MY_RUN:-/tmp/default}\nstore: {uri: '${MY_STORE}'}\nmodels: {dir: /m, llm: org/model}\n")
+    monkeypatch.setenv("MY_STORE", "s3://bucket/store")
+    loaded = load_config(cfg)
+    assert loaded.run_dir == "/tmp/default" and loaded.store.uri == "s3://bucket/store"
+    monkeypatch.delenv("MY_STORE")
+    with pytest.raises(ConfigError, match="MY_STORE is not set"):
+        load_config(cfg)
