@@ -10,7 +10,7 @@ export LLM2CLIP_RUN_DIR := $(abspath $(RUN_DIR))
 MODELS := $(LLM2CLIP_RUN_DIR)/models
 CONFIG ?= configs/local.yaml
 
-.PHONY: venv models demo test bench cluster-up cluster-down cluster-status clean clean-runs lint
+.PHONY: venv models demo test cluster-up cluster-down cluster-status clean clean-runs lint
 
 venv: $(VENV)/.installed
 
@@ -51,9 +51,6 @@ demo: models cluster-up
 
 test: models
 	$(PY) -m pytest $(PYTEST_ARGS)
-
-bench: models
-	$(PY) -m bench
 
 clean-runs:
 	cluster/local.sh down || true

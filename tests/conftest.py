@@ -58,8 +58,10 @@ def ray_session(cluster):
     """This test process as a driver of the local cluster."""
     import ray
 
+    from pipeline.stages.runtime import use_cluster_env
+
     saved = {k: os.environ.get(k) for k in cluster}
-    os.environ.update(cluster)
+    use_cluster_env(cluster)
     if not ray.is_initialized():
         ray.init(address=cluster["RAY_ADDRESS"], namespace="llm2clip-tests", log_to_driver=False)
     yield cluster
@@ -90,7 +92,10 @@ def write_config(path: Path, store: Path, cluster: dict[str, str], **sections) -
         "ingest": {"source": "embedded", "dataset": "embedded", "batch_size": 16},
     }
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

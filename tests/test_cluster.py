@@ -78,3 +78,17 @@ def test_ray_job_submit_runs_ingest(cluster, tmp_path, models):
     lineage = Store(str(store), "manifest").lineage("embedded")[0]
     assert lineage["stage"] == "ingest" and lineage["code"]["source_sha256"]
     assert json.dumps(lineage)  # serialisable
+
+
+def test_job_started_by_hand_joins_the_local_cluster(cluster, tmp_path, models):
+    """No RAY_ADDRESS, no token variables: the job finds {run_dir}/cluster.env itself."""
+    import sys
+
+    config = write_config(tmp_path / "c.yaml", tmp_path / "store", cluster, run_dir=cluster["LLM2CLIP_RUN_DIR"])
+    env = job_env(cluster)
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "LLM2CLIP_RUN_DIR"):
+        env.pop(key, None)
+    env["HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "jobs.ingest", "--config", str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"on Ray at {cluster['RAY_ADDRESS']}" in out.stdout

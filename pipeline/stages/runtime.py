@@ -27,6 +27,22 @@ def read_cluster_env(run_dir: str) -> dict[str, str]:
     return env
 
 
+def use_cluster_env(env: dict[str, str], override: bool = True) -> None:
+    """Put a cluster's variables (address, token path) into this process's environment.
+
+    Ray reads its auth mode when it is imported, so after changing RAY_AUTH_* we refresh
+    its config and token cache, as Ray does itself when it turns token auth on.
+    """
+    for key, value in env.items():
+        if override or key not in os.environ:
+            os.environ[key] = value
+    if any(k.startswith("RAY_AUTH") for k in env):
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 def connect(cfg: RayConfig, run_dir: str) -> str:
     """Initialise Ray for this process and return the address it joined.
 
@@ -43,8 +59,7 @@ def connect(cfg: RayConfig, run_dir: str) -> str:
         return cfg.address
     if "RAY_ADDRESS" not in os.environ:
         # Join the project's local cluster if it is up; its env carries the auth token path.
-        for key, value in read_cluster_env(run_dir).items():
-            os.environ.setdefault(key, value)
+        use_cluster_env(read_cluster_env(run_dir), override=False)
     if "RAY_ADDRESS" in os.environ:
         try:
             ray.init(address=os.environ["RAY_ADDRESS"], namespace=cfg.namespace)
