@@ -10,7 +10,7 @@ export LLM2CLIP_RUN_DIR := $(abspath $(RUN_DIR))
 MODELS := $(LLM2CLIP_RUN_DIR)/models
 CONFIG ?= configs/local.yaml
 
-.PHONY: venv models demo test cluster-up cluster-down cluster-status clean clean-runs lint
+.PHONY: venv models demo test bench cluster-up cluster-down cluster-status clean clean-runs
 
 venv: $(VENV)/.installed
 
@@ -43,14 +43,19 @@ cluster-status:
 demo: models cluster-up
 	@set -e; source $(LLM2CLIP_RUN_DIR)/cluster.env; \
 	$(PY) -m jobs.ingest --config $(CONFIG); \
+	$(PY) -m jobs.embed --config $(CONFIG); \
 	echo; echo "== demo finished"; \
-	echo "stores:      $(LLM2CLIP_RUN_DIR)/store  (manifest, captions, rejects)"; \
+	echo "stores:      $(LLM2CLIP_RUN_DIR)/store  (manifest, captions, embeddings, rejects)"; \
 	echo "models:      $(MODELS)"; \
 	echo "MLflow runs: $$MLFLOW_TRACKING_URI  (experiment llm2clip-local)"; \
 	echo "Ray:         $$RAY_DASHBOARD_ADDRESS  (stop both with: make cluster-down)"
 
 test: models
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Speed benchmarks (ratios against a baseline in the same run); see bench/README.md.
+bench: models
+	$(PY) -m bench.embed
 
 clean-runs:
 	cluster/local.sh down || true

@@ -121,6 +121,31 @@ class IngestConfig(Section):
         return v
 
 
+# ---------------------------------------------------------------- embed
+class EmbedConfig(Section):
+    """Caption embeddings into the embedding store (jobs.embed)."""
+
+    encoder: str | None = Field(
+        None, description="encoder to use: a path, a hub id, or an MLflow model URI (models:/..., runs:/...); "
+        "default models.llm. A saved encoder's own options apply unless set below",
+    )
+    caption_versions: list[str] = Field(default_factory=lambda: ["original", "provided"], min_length=1)
+    pooling: Literal["mean", "weighted_mean", "last"] | None = None
+    bidirectional: bool | None = None
+    max_length: int | None = Field(None, ge=2, description="tokens; default 512 or the saved encoder's")
+    instruction: str | None = None
+    overlong: Literal["truncate", "reject"] = Field("truncate", description="captions longer than max_length")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the hardware has it")
+    actors: int = Field(1, ge=1, description="encoder actors (one model load each)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1, description="captions per Ray Data batch; sorted by length inside")
+    micro_batch_size: int = Field(32, ge=1, description="captions per forward pass")
+    cra_split: Literal["train", "val", "test"] | None = Field(
+        "test", description="held-out split on which to report CRA after embedding (None: skip)"
+    )
+
+
 # ---------------------------------------------------------------- stage 1 and 2 recipes
 class LoraConfig(Section):
     r: int = Field(16, ge=1)
@@ -184,6 +209,7 @@ class PipelineConfig(Section):
     models: ModelsConfig
     embedded: EmbeddedDatasetConfig = Field(default_factory=EmbeddedDatasetConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
     finetune_text: FinetuneTextConfig = Field(default_factory=FinetuneTextConfig)
     train_clip: TrainClipConfig = Field(default_factory=TrainClipConfig)
 

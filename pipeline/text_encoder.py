@@ -155,13 +155,13 @@ class TextEncoder(nn.Module):
         return int(self.model.config.hidden_size)
 
     def weights_digest(self) -> str:
-        """sha256 over every parameter and buffer (cached; call `refresh_version` after training)."""
+        """sha256 over every parameter and buffer as float32 (cached; `refresh_version` after training)."""
         if self._weights_digest is None:
             h = hashlib.sha256()
             for name, tensor in sorted(self.model.state_dict().items()):
                 h.update(name.encode())
-                h.update(str(tensor.dtype).encode())
-                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                # float32 view: the same bf16 checkpoint loaded in bf16 or fp32 hashes alike
+                h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
             self._weights_digest = h.hexdigest()
         return self._weights_digest
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
+import socket
 from pathlib import Path
 
 import ray
 
 from pipeline.config import RayConfig
-
-log = logging.getLogger(__name__)
-
 
 def read_cluster_env(run_dir: str) -> dict[str, str]:
     """The variables `cluster/local.sh up` wrote to {run_dir}/cluster.env (empty if none)."""
@@ -25,7 +22,6 @@ def read_cluster_env(run_dir: str) -> dict[str, str]:
             key, _, value = line[len("export ") :].partition("=")
             env[key.strip()] = value.strip()
     return env
-
 
 def use_cluster_env(env: dict[str, str], override: bool = True) -> None:
     """Put a cluster's variables (address, token path) into this process's environment.
@@ -41,7 +37,6 @@ def use_cluster_env(env: dict[str, str], override: bool = True) -> None:
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
-
 
 def connect(cfg: RayConfig, run_dir: str) -> str:
     """Initialise Ray for this process and return the address it joined.
@@ -59,17 +54,29 @@ def connect(cfg: RayConfig, run_dir: str) -> str:
         return cfg.address
     if "RAY_ADDRESS" not in os.environ:
         # Join the project's local cluster if it is up; its env carries the auth token path.
-        use_cluster_env(read_cluster_env(run_dir), override=False)
-    if "RAY_ADDRESS" in os.environ:
-        try:
-            ray.init(address=os.environ["RAY_ADDRESS"], namespace=cfg.namespace)
-            return os.environ["RAY_ADDRESS"]
-        except ConnectionError as e:
-            log.warning("no Ray cluster at %s (%s); starting a local Ray", os.environ["RAY_ADDRESS"], e)
-            # A stale address must not leak into Ray's own local start.
-            os.environ.pop("RAY_ADDRESS")
+        env = read_cluster_env(run_dir)
+        if env.get("RAY_ADDRESS") and _reachable(env["RAY_ADDRESS"]):
+            use_cluster_env(env, override=False)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        # ray.init retries a dead GCS for minutes; a quick probe fails fast instead.
+        if not _reachable(address):
+            raise ConnectionError(f"RAY_ADDRESS={address} does not answer; start the cluster (cluster/local.sh up) or unset RAY_ADDRESS")
+        ray.init(address=address, namespace=cfg.namespace)
+        return address
     return _start_local(cfg)
 
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    """True when something listens at host:port (ray:// and http:// prefixes allowed)."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        return True  # not host:port (e.g. "auto"): let Ray decide
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 def _start_local(cfg: RayConfig) -> str:
     ray.init(num_cpus=cfg.local_num_cpus, namespace=cfg.namespace, include_dashboard=False)

@@ -1,0 +1,249 @@
+"""`embed`: caption-store versions -> an embedding-store version (one per encoder_version).
+
+Ray Data streams the captions through a pool of actors, each holding one `TextEncoder`;
+inside an actor every batch is sorted by length and encoded in micro-batches, so padding
+stays small; bf16 is used where the hardware has it. Captions already embedded by this
+encoder (same caption_id, hence same text) are skipped; empty captions, and over-long ones
+when `embed.overlong: reject`, go to the rejects store. Counts reconcile:
+input = written + skipped + rejected. Afterwards the job reports CRA on held-out pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from pipeline.caption_pairs import PROTOCOLS, caption_pairs
+from pipeline.config import EmbedConfig, PipelineConfig
+from pipeline.metrics import caption_retrieval_accuracy
+from pipeline.store import Store, utc_now
+from pipeline.stages.tracking import Tracker
+from pipeline.text_encoder import TextEncoder
+from pipeline.versioning import code_version, text_sha256
+from schemas import STORE_SCHEMAS
+
+
+@dataclass
+class EmbedResult:
+    encoder: str
+    encoder_version: str
+    dim: int
+    precision: str
+    input_rows: int = 0
+    written: int = 0
+    skipped: int = 0
+    rejected: int = 0
+    truncated: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    cra: dict[str, Any] = field(default_factory=dict)
+    commit: str | None = None
+    mlflow_url: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "stage": "embed",
+            "encoder": self.encoder,
+            "encoder_version (embedding store version)": self.encoder_version,
+            "dim": self.dim,
+            "precision": self.precision,
+            "input captions": self.input_rows,
+            "written": self.written,
+            "skipped (already embedded)": self.skipped,
+            "rejected": self.rejected,
+            "reject reasons": self.reject_reasons,
+            "truncated": self.truncated,
+            "captions/s": round(self.written / self.seconds, 1) if self.seconds else None,
+            "CRA": self.cra,
+            "commit": self.commit,
+            "mlflow run": self.mlflow_url,
+        }
+
+
+def resolve_precision(precision: str, use_gpu: bool) -> str:
+    """bf16 on GPUs that support it and on CPUs with bf16 instructions (AVX512-BF16/AMX)."""
+    if precision != "auto":
+        return precision
+    if use_gpu:
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def encoder_kwargs(cfg: EmbedConfig) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in dict(pooling=cfg.pooling, bidirectional=cfg.bidirectional, max_length=cfg.max_length, instruction=cfg.instruction).items()
+        if v is not None
+    }
+
+
+class EmbedCaptions:
+    """Ray Data actor: one encoder per actor; pyarrow batches in, embedding rows out."""
+
+    def __init__(self, path: str, options: dict[str, Any], precision: str, use_gpu: bool, overlong: str, micro_batch_size: int, trust_remote_code: bool):
+        device = "cuda" if use_gpu else "cpu"
+        self.encoder = TextEncoder.from_pretrained(path, dtype=precision, device=device, trust_remote_code=trust_remote_code, **options)
+        self.version = self.encoder.encoder_version
+        self.overlong = overlong
+        self.micro_batch_size = micro_batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        max_len = self.encoder.options.max_length
+        lengths = self.encoder.token_lengths([t or "" for t in texts])
+        reasons, details = [], []
+        for text, n in zip(texts, lengths):
+            if not text or not text.strip():
+                reasons.append("empty_caption"), details.append("caption is empty or whitespace")
+            elif n > max_len and self.overlong == "reject":
+                reasons.append("too_long"), details.append(f"{n} tokens > max_length {max_len}")
+            else:
+                reasons.append(""), details.append("truncated" if n > max_len else "")
+        keep = [i for i, r in enumerate(reasons) if not r]
+        dim = self.encoder.dim
+        emb = np.zeros((len(texts), dim), dtype=np.float32)
+        if keep:
+            emb[keep] = self.encoder.encode([texts[i] for i in keep], batch_size=self.micro_batch_size)
+        flat = pa.array(emb.reshape(-1), type=pa.float32())
+        return pa.table(
+            {
+                "caption_id": batch.column("caption_id"),
+                "image_id": batch.column("image_id"),
+                "text_sha256": pa.array([text_sha256(t or "") for t in texts]),
+                "encoder_version": pa.array([self.version] * len(texts)),
+                "dim": pa.array([dim] * len(texts), type=pa.int32()),
+                "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+                "reason": pa.array(reasons),
+                "detail": pa.array(details),
+            }
+        )
+
+
+@ray.remote
+def _probe_encoder(path: str, options: dict[str, Any], trust_remote_code: bool) -> tuple[str, int]:
+    encoder = TextEncoder.from_pretrained(path, trust_remote_code=trust_remote_code, **options)
+    return encoder.encoder_version, encoder.dim
+
+
+def resolve_encoder(cfg: PipelineConfig) -> str:
+    """A local path for the configured encoder (MLflow model URIs are downloaded once)."""
+    ref = cfg.embed.encoder or cfg.models.llm
+    if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        return mlflow.artifacts.download_artifacts(artifact_uri=ref, tracking_uri=cfg.mlflow.tracking_uri)
+    return ref
+
+
+def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
+    ecfg = cfg.embed
+    use_gpu = ecfg.gpus_per_actor > 0
+    path = resolve_encoder(cfg)
+    options = encoder_kwargs(ecfg)
+    precision = resolve_precision(ecfg.precision, use_gpu)
+    # The output version is the encoder's identity; a small task computes it off the driver.
+    version, dim = ray.get(_probe_encoder.options(num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor).remote(path, options, cfg.models.trust_remote_code))
+    result = EmbedResult(encoder=cfg.embed.encoder or cfg.models.llm, encoder_version=version, dim=dim, precision=precision)
+
+    captions = Store(cfg.store.uri, "captions")
+    embeddings = Store(cfg.store.uri, "embeddings")
+    rejects = Store(cfg.store.uri, "rejects")
+    files = [f for v in ecfg.caption_versions for f in captions.files(v)]
+    missing = [v for v in ecfg.caption_versions if not captions.commits(v)]
+    if missing:
+        raise ValueError(f"caption versions {missing} do not exist in {cfg.store.uri}; have {captions.versions()}")
+    existing = np.array(sorted(k[0] for k in embeddings.keys(version)), dtype=object)
+    lineage = {
+        "stage": "embed",
+        "inputs": [{"store": "captions", "version": v, "commits": [c.commit_id for c in captions.commits(v)]} for v in ecfg.caption_versions],
+        "encoder": result.encoder,
+        "encoder_path": path,
+        "encoder_version": version,
+        "dim": dim,
+        "config": ecfg.model_dump(mode="json"),
+        "code": code_version(),
+        "mlflow_run_id": tracker.run_id,
+    }
+    start = utc_now()
+    ds = ray.data.read_parquet(files, filesystem=captions.fs, columns=["caption_id", "image_id", "text"])
+    result.input_rows = ds.count()
+    todo = ds.map_batches(_not_in, fn_kwargs={"existing": existing}, batch_format="pyarrow") if len(existing) else ds
+    embedded = todo.map_batches(
+        EmbedCaptions,
+        fn_constructor_kwargs=dict(
+            path=path, options=options, precision=precision, use_gpu=use_gpu, overlong=ecfg.overlong,
+            micro_batch_size=ecfg.micro_batch_size, trust_remote_code=cfg.models.trust_remote_code,
+        ),
+        batch_size=ecfg.batch_size,
+        batch_format="pyarrow",
+        concurrency=ecfg.actors,
+        num_cpus=ecfg.cpus_per_actor,
+        num_gpus=ecfg.gpus_per_actor,
+    ).materialize()
+    status_schema = pa.schema([("caption_id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+    refs = embedded.select_columns(status_schema.names).to_arrow_refs()
+    blocks = [t for t in ray.get(refs) if t.num_rows]  # all skipped: no blocks
+    status = pa.concat_tables([t.select(status_schema.names).cast(status_schema) for t in blocks]) if blocks else status_schema.empty_table()
+    rejected = status.filter(pc.not_equal(status.column("reason"), ""))
+    result.truncated = int(pc.sum(pc.equal(status.column("detail"), "truncated")).as_py() or 0)
+    with embeddings.begin(version, lineage) as txn:
+        embedded.map_batches(_accepted, batch_format="pyarrow").write_parquet(txn.staging_dir)
+        commit = txn.commit({"counts": {"input_rows": result.input_rows, "rejected": rejected.num_rows}})
+    result.seconds = (utc_now() - start).total_seconds()
+    result.commit = commit.commit_id if commit else None
+    result.written = commit.num_rows if commit else 0
+    result.rejected = rejected.num_rows
+    result.skipped = result.input_rows - status.num_rows
+    result.reject_reasons = {r: int(n) for r, n in zip(*np.unique(rejected.column("reason").to_pylist(), return_counts=True))} if rejected.num_rows else {}
+    if rejected.num_rows:
+        now = utc_now()
+        rows = [{"stage": "embed", "record_id": c, "reason": r, "detail": d, "time": now} for c, r, d in zip(*(rejected.column(n).to_pylist() for n in ("caption_id", "reason", "detail")))]
+        rejects.append(f"embed.{version}", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["rejects"]), lineage)
+    if result.input_rows != result.written + result.skipped + result.rejected:
+        raise RuntimeError(f"embed counts do not reconcile: {result.summary()}")
+
+    if ecfg.cra_split:
+        result.cra = held_out_cra(cfg, version, ecfg.cra_split)
+    tracker.set_tags({"llm2clip.output.embeddings": version, "llm2clip.encoder": result.encoder, "llm2clip.store_uri": cfg.store.uri})
+    tracker.log_metrics(
+        {"input_rows": result.input_rows, "written": result.written, "skipped": result.skipped, "rejected": result.rejected,
+         "truncated": result.truncated, "captions_per_s": result.written / result.seconds if result.seconds else 0.0}
+        | {f"cra.{k}": v["cra"] for k, v in result.cra.items()}
+    )
+    tracker.log_dict(result.summary(), "embed/summary.json")
+    result.mlflow_url = tracker.url
+    return result
+
+
+def _accepted(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("reason"), "")).drop_columns(["reason", "detail"])
+
+
+def _not_in(batch: pa.Table, existing: np.ndarray) -> pa.Table:
+    ids = batch.column("caption_id").to_numpy(zero_copy_only=False)
+    return batch.filter(pa.array(~np.isin(ids, existing)))
+
+
+def held_out_cra(cfg: PipelineConfig, encoder_version: str, split: str) -> dict[str, Any]:
+    """CRA of this encoder on the held-out split's caption pairs, per protocol."""
+    manifest = Store(cfg.store.uri, "manifest").read(cfg.ingest.dataset)
+    captions = Store(cfg.store.uri, "captions")
+    caption_rows = pa.concat_tables([captions.read(v) for v in cfg.embed.caption_versions])
+    emb = Store(cfg.store.uri, "embeddings").read(encoder_version, columns=["caption_id", "embedding"])
+    index = {c: i for i, c in enumerate(emb.column("caption_id").to_pylist())}
+    matrix = np.asarray(emb.column("embedding").combine_chunks().flatten().to_numpy()).reshape(emb.num_rows, -1) if emb.num_rows else None
+    out = {}
+    for protocol in PROTOCOLS:
+        pairs = [(a, b) for a, b in caption_pairs(manifest, caption_rows, split, protocol) if a in index and b in index]
+        if len(pairs) >= 2:
+            first = matrix[[index[a] for a, _ in pairs]]
+            second = matrix[[index[b] for _, b in pairs]]
+            out[protocol] = {"cra": caption_retrieval_accuracy(first, second), "pairs": len(pairs), "split": split,
+                             "protocol": f"{protocol}: each of 2N captions retrieves among the other 2N-1 by cosine, top-1"}
+    return out

@@ -1,0 +1,109 @@
+"""`jobs.embed` on the embedded default: one row per caption, incremental, rejects, CRA in MLflow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.store import Store, utc_now
+from pipeline.text_encoder import TextEncoder
+from tests.conftest import MODELS_DIR, run_job, write_config
+
+EMBED = {"caption_versions": ["original", "provided"], "actors": 1, "cpus_per_actor": 1, "batch_size": 64, "bidirectional": False}
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, cluster, models):
+    root = tmp_path_factory.mktemp("embed")
+    config = write_config(root / "c.yaml", root / "store", cluster, embed=EMBED)
+    out = run_job("jobs.ingest", config, cluster)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def first_embed(ingested, cluster):
+    root, config = ingested
+    out = run_job("jobs.embed", config, cluster)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def _version(store) -> str:
+    (version,) = Store(str(store), "embeddings").versions()
+    return version
+
+
+def test_one_row_per_caption(ingested, first_embed):
+    root, _ = ingested
+    captions = Store(str(root / "store"), "captions")
+    n_captions = captions.num_rows("original") + captions.num_rows("provided")
+    emb = Store(str(root / "store"), "embeddings").read(_version(root / "store"))
+    assert emb.num_rows == n_captions
+    assert len(set(emb.column("caption_id").to_pylist())) == n_captions
+    matrix = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    assert matrix.shape == (n_captions, 576) and np.isfinite(matrix).all()
+    assert "written: %d" % n_captions in first_embed.stdout
+
+
+def test_embeddings_match_the_encoder_api(ingested, first_embed):
+    """What the job wrote equals TextEncoder.encode on the same texts (bf16 tolerance)."""
+    root, _ = ingested
+    version = _version(root / "store")
+    emb = Store(str(root / "store"), "embeddings").read(version).slice(0, 8)
+    texts = {r["caption_id"]: r["text"] for r in Store(str(root / "store"), "captions").read("original").to_pylist()}
+    texts |= {r["caption_id"]: r["text"] for r in Store(str(root / "store"), "captions").read("provided").to_pylist()}
+    enc = TextEncoder.from_pretrained(MODELS_DIR / "smollm2-135m-instruct", bidirectional=False)
+    assert enc.encoder_version == version
+    expected = enc.encode([texts[c] for c in emb.column("caption_id").to_pylist()])
+    got = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    cos = (expected * got).sum(1) / np.linalg.norm(expected, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_second_run_writes_nothing(ingested, first_embed, cluster):
+    root, config = ingested
+    version = _version(root / "store")
+    before = len(Store(str(root / "store"), "embeddings").commits(version))
+    out = run_job("jobs.embed", config, cluster)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "written: 0" in out.stdout
+    assert len(Store(str(root / "store"), "embeddings").commits(version)) == before
+
+
+def test_cra_is_logged_to_mlflow(first_embed, cluster):
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("llm2clip-tests")
+    runs = client.search_runs([exp.experiment_id], "tags.`llm2clip.stage` = 'embed'")
+    run = next(r for r in runs if r.info.run_id in first_embed.stdout)
+    for key in ("cra.short-short", "cra.short-dense"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0
+    assert run.data.metrics["written"] > 0
+
+
+def test_bad_captions_are_rejected_and_counts_reconcile(tmp_path, cluster, models):
+    store = tmp_path / "store"
+    long_text = "a red circle next to a blue square " * 20
+    rows = [("c-ok", "a small green star"), ("c-empty", "   "), ("c-long", long_text), ("c-ok2", "two circles")]
+    Store(str(store), "captions").append(
+        "user",
+        pa.Table.from_pylist(
+            [{"caption_id": c, "image_id": "img", "text": t, "source": "original", "caption_version": "user",
+              "model": "", "prompt_id": "", "created_at": utc_now()} for c, t in rows]
+        ),
+    )
+    embed = EMBED | {"caption_versions": ["user"], "overlong": "reject", "max_length": 16, "cra_split": None}
+    config = write_config(tmp_path / "c.yaml", store, cluster, embed=embed, models={"dir": str(MODELS_DIR), "llm": str(models["tiny-llama"])})
+    out = run_job("jobs.embed", config, cluster)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    version = _version(store)
+    assert sorted(Store(str(store), "embeddings").read(version).column("caption_id").to_pylist()) == ["c-ok", "c-ok2"]
+    rejects = {r["record_id"]: r["reason"] for r in Store(str(store), "rejects").read(f"embed.{version}").to_pylist()}
+    assert rejects == {"c-empty": "empty_caption", "c-long": "too_long"}
+    assert "input captions: 4" in out.stdout and "written: 2" in out.stdout and "rejected: 2" in out.stdout
+    # truncate instead: the long caption is embedded (cut to max_length), only the empty one is rejected
+    out = run_job("jobs.embed", config, cluster, "--set", "embed.overlong=truncate")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "truncated: 1" in out.stdout and "written: 1" in out.stdout and "skipped (already embedded): 2" in out.stdout
