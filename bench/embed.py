@@ -5,7 +5,7 @@ batch of 32, padded to the longest, fp32, input order. Job: `run_embed` (Ray Dat
 pool, length-sorted batches, bf16 where the CPU/GPU has it), wall time including actor
 start and model loads. Both embed the captions of the embedded default.
 
-    python -m bench.embed [--scenes 300] [--config configs/local.yaml]
+    python -m bench.embed [--scenes 200] [--config configs/local.yaml]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pipeline.text_encoder import TextEncoder
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/local.yaml")
-    parser.add_argument("--scenes", type=int, default=300)
+    parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--actors", type=int, default=2)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
