@@ -107,3 +107,34 @@ def test_bad_captions_are_rejected_and_counts_reconcile(tmp_path, cluster, model
     out = run_job("jobs.embed", config, cluster, "--set", "embed.overlong=truncate")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "truncated: 1" in out.stdout and "written: 1" in out.stdout and "skipped (already embedded): 2" in out.stdout
+
+
+def test_encoder_from_an_mlflow_uri(tmp_path, cluster, models):
+    """embed.encoder accepts runs:/ URIs: the encoder is fetched from MLflow and the
+    embedding version is that encoder's version."""
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("llm2clip-tests")
+    run = client.create_run(exp.experiment_id, tags={"mlflow.runName": "encoder-artifact"})
+    enc = TextEncoder.from_pretrained(models["tiny-qwen2"], pooling="last", bidirectional=True)
+    enc.save_pretrained(tmp_path / "encoder")
+    client.log_artifacts(run.info.run_id, str(tmp_path / "encoder"), "encoder")
+    client.set_terminated(run.info.run_id)
+
+    store = tmp_path / "store"
+    Store(str(store), "captions").append(
+        "user",
+        pa.Table.from_pylist(
+            [{"caption_id": f"c{i}", "image_id": "img", "text": t, "source": "original", "caption_version": "user",
+              "model": "", "prompt_id": "", "created_at": utc_now()} for i, t in enumerate(["a red circle", "two blue squares"])]
+        ),
+    )
+    embed = EMBED | {"caption_versions": ["user"], "cra_split": None, "encoder": f"runs:/{run.info.run_id}/encoder", "bidirectional": None}
+    config = write_config(tmp_path / "c.yaml", store, cluster, embed=embed)
+    out = run_job("jobs.embed", config, cluster)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert Store(str(store), "embeddings").versions() == [enc.encoder_version]
+    got = Store(str(store), "embeddings").read(enc.encoder_version)
+    expected = dict(zip(["c0", "c1"], enc.encode(["a red circle", "two blue squares"])))
+    for cid, vec in zip(got.column("caption_id").to_pylist(), got.column("embedding").to_pylist()):
+        cos = np.dot(expected[cid], vec) / np.linalg.norm(expected[cid]) / np.linalg.norm(vec)
+        assert cos > 0.99

@@ -10,6 +10,7 @@ import ray
 
 from pipeline.config import RayConfig
 
+
 def read_cluster_env(run_dir: str) -> dict[str, str]:
     """The variables `cluster/local.sh up` wrote to {run_dir}/cluster.env (empty if none)."""
     path = Path(run_dir) / "cluster.env"
@@ -22,6 +23,7 @@ def read_cluster_env(run_dir: str) -> dict[str, str]:
             key, _, value = line[len("export ") :].partition("=")
             env[key.strip()] = value.strip()
     return env
+
 
 def use_cluster_env(env: dict[str, str], override: bool = True) -> None:
     """Put a cluster's variables (address, token path) into this process's environment.
@@ -37,6 +39,7 @@ def use_cluster_env(env: dict[str, str], override: bool = True) -> None:
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
+
 
 def connect(cfg: RayConfig, run_dir: str) -> str:
     """Initialise Ray for this process and return the address it joined.
@@ -66,6 +69,7 @@ def connect(cfg: RayConfig, run_dir: str) -> str:
         return address
     return _start_local(cfg)
 
+
 def _reachable(address: str, timeout: float = 2.0) -> bool:
     """True when something listens at host:port (ray:// and http:// prefixes allowed)."""
     hostport = address.split("://", 1)[-1].rstrip("/")
@@ -77,6 +81,7 @@ def _reachable(address: str, timeout: float = 2.0) -> bool:
             return True
     except OSError:
         return False
+
 
 def _start_local(cfg: RayConfig) -> str:
     ray.init(num_cpus=cfg.local_num_cpus, namespace=cfg.namespace, include_dashboard=False)

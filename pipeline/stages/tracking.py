@@ -7,7 +7,6 @@ same object works on the driver and, passed by run id, on rank 0 of a Ray Train 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,6 @@ from mlflow.utils.time import get_current_time_millis
 from pipeline.config import MlflowConfig
 from pipeline.versioning import code_version
 
-log = logging.getLogger(__name__)
 
 _PARAM_MAX = 6000  # MLflow's param value limit is 6000 characters
 
