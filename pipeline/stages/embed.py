@@ -173,11 +173,11 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     start = utc_now()
     ds = ray.data.read_parquet(files, filesystem=captions.fs, columns=["caption_id", "image_id", "text"])
     result.input_rows = ds.count()
+    todo = ds.map_batches(_not_in, fn_kwargs={"existing": existing}, batch_format="pyarrow") if len(existing) else ds
     # Small stores are one Parquet file = one block = one busy actor: split so every actor
     # works. Materialised first (ids and text only): actors that hold every CPU would
     # otherwise starve the read tasks that feed them.
-    ds = ds.repartition(max(ecfg.actors, -(-result.input_rows // ecfg.batch_size))).materialize()
-    todo = ds.map_batches(_not_in, fn_kwargs={"existing": existing}, batch_format="pyarrow") if len(existing) else ds
+    todo = todo.repartition(max(ecfg.actors, -(-result.input_rows // ecfg.batch_size))).materialize()
     embedded = todo.map_batches(
         EmbedCaptions,
         fn_constructor_kwargs=dict(
