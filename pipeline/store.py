@@ -315,7 +315,8 @@ class Transaction:
 
     def commit(self, extra_lineage: dict[str, Any] | None = None) -> Commit | None:
         """Publish the staged files atomically. Files written into `staging_dir` by other
-        writers (Ray Data's `write_parquet`) are included and schema-checked."""
+        writers (Ray Data's `write_parquet`) are included and schema-checked, but not
+        deduplicated by key: such writers must leave out rows the version already has."""
         fs, store = self.store.fs, self.store
         infos = fs.get_file_info(pafs.FileSelector(self.staging_dir, recursive=True, allow_not_found=True))
         data_files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
@@ -362,6 +363,11 @@ class Transaction:
             self.store.fs.delete_dir(self.staging_dir)
         except FileNotFoundError:
             pass
+
+
+def reject_row(stage: str, record_id: str, reason: str, detail: str, time: datetime) -> dict[str, Any]:
+    """One row of the rejects store."""
+    return {"stage": stage, "record_id": record_id, "reason": reason, "detail": detail, "time": time}
 
 
 def _fake_commit(lineage: dict[str, Any]) -> Commit:

@@ -10,6 +10,7 @@ input = written + skipped + rejected. Afterwards the job reports CRA on held-out
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from pipeline.caption_pairs import PROTOCOLS, caption_pairs
 from pipeline.config import EmbedConfig, PipelineConfig
 from pipeline.metrics import caption_retrieval_accuracy
-from pipeline.store import Store, utc_now
+from pipeline.store import Store, reject_row, utc_now
 from pipeline.stages.tracking import Tracker
 from pipeline.text_encoder import TextEncoder
 from pipeline.versioning import code_version, text_sha256
@@ -204,10 +205,11 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     result.written = commit.num_rows if commit else 0
     result.rejected = rejected.num_rows
     result.skipped = result.input_rows - status.num_rows
-    result.reject_reasons = {r: int(n) for r, n in zip(*np.unique(rejected.column("reason").to_pylist(), return_counts=True))} if rejected.num_rows else {}
+    result.reject_reasons = dict(Counter(rejected.column("reason").to_pylist()))
     if rejected.num_rows:
         now = utc_now()
-        rows = [{"stage": "embed", "record_id": c, "reason": r, "detail": d, "time": now} for c, r, d in zip(*(rejected.column(n).to_pylist() for n in ("caption_id", "reason", "detail")))]
+        columns = (rejected.column(n).to_pylist() for n in ("caption_id", "reason", "detail"))
+        rows = [reject_row("embed", c, r, d, now) for c, r, d in zip(*columns)]
         rejects.append(f"embed.{version}", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["rejects"]), lineage)
     if result.input_rows != result.written + result.skipped + result.rejected:
         raise RuntimeError(f"embed counts do not reconcile: {result.summary()}")

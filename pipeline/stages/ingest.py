@@ -21,7 +21,7 @@ from pipeline.config import ImageLimits, PipelineConfig
 from pipeline.embedded import write_embedded_dataset
 from pipeline.images import ImageCheck, Reject, image_id_for, inspect_image, read_uri
 from pipeline.listing import read_listing
-from pipeline.store import Store, utc_now
+from pipeline.store import Store, reject_row, utc_now
 from pipeline.stages.tracking import Tracker
 from pipeline.versioning import code_version, stable_hash
 from schemas import STORE_SCHEMAS
@@ -168,12 +168,12 @@ def run_ingest(cfg: PipelineConfig, tracker: Tracker) -> IngestResult:
             m_rows, o_rows, p_rows, r_rows = [], [], [], []
             for row in batch.to_pylist():
                 if not row["ok"]:
-                    r_rows.append(_reject(row["uri"] or f"row {row['row']}", row["reason"], row["detail"], now))
+                    r_rows.append(reject_row("ingest", row["uri"] or f"row {row['row']}", row["reason"], row["detail"], now))
                     continue
                 image_id = image_id_for(row["sha256"])
                 if image_id in seen:
                     detail = f"same bytes as {seen[image_id]} (image_id {image_id})"
-                    r_rows.append(_reject(row["uri"], Reject.DUPLICATE, detail, now))
+                    r_rows.append(reject_row("ingest", row["uri"], Reject.DUPLICATE, detail, now))
                     continue
                 seen[image_id] = row["uri"]
                 if image_id in existing:
@@ -222,10 +222,6 @@ def run_ingest(cfg: PipelineConfig, tracker: Tracker) -> IngestResult:
     tracker.log_dict(result.summary(), "ingest/summary.json")
     result.mlflow_url = tracker.url
     return result
-
-
-def _reject(record_id: str, reason: str, detail: str, now) -> dict:
-    return {"stage": "ingest", "record_id": record_id, "reason": reason, "detail": detail, "time": now}
 
 
 def _table(rows: list[dict], store: Store) -> pa.Table:
