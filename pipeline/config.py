@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -146,6 +154,87 @@ class EmbedConfig(Section):
     )
 
 
+# ---------------------------------------------------------------- recaption
+class SamplingConfig(Section):
+    """vLLM sampling parameters (part of the caption_version)."""
+
+    temperature: float = Field(0.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: off")
+    repetition_penalty: float = Field(1.05, gt=0)
+    max_tokens: int = Field(256, ge=1, description="generated tokens per caption")
+    captions_per_image: int = Field(1, ge=1, le=16, description="samples per image (use temperature > 0 for variety)")
+    seed: int = 0
+
+
+class PostprocessConfig(Section):
+    """Rules applied to generated text (part of the caption_version)."""
+
+    strip_preamble: bool = Field(True, description="drop 'Sure! Here is a description:'-style openers and role labels")
+    unfinished: Literal["trim", "keep", "reject"] = Field(
+        "trim", description="text cut by max_tokens: trim to the last full sentence (reject if none), keep, or reject"
+    )
+    min_words: int = Field(3, ge=1, description="shorter captions are rejected")
+    max_compression_ratio: float = Field(
+        2.4, gt=1, description="bytes / zlib-compressed bytes; above it the text is a degenerate repeat (Whisper's rule)"
+    )
+
+
+class RecaptionConfig(Section):
+    """Dense captions with vLLM (jobs.recaption)."""
+
+    mode: Literal["image", "text"] = Field(
+        "image", description="image: a VLM looks at the image; text: an LLM expands the original alt-text caption"
+    )
+    model: ModelRef | None = Field(None, description="path or hub id; default models.vlm (image) or models.llm (text)")
+    dataset: str | None = Field(None, description="manifest version to caption; default ingest.dataset")
+    text_source: str = Field("original", description="text mode: caption version whose captions are expanded")
+    prompt: str = Field(
+        "Describe this image in detail: the objects, their colours, sizes, positions and how they relate.",
+        description="user instruction; in text mode {caption} is the image's first original caption and {captions} all of them",
+    )
+    system_prompt: str | None = Field(None, description="optional system message (if the chat template has a system role)")
+    source: str = Field("dense", description="the captions' `source` label in the caption store")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    max_model_len: int = Field(4096, ge=64, description="prompt + generated tokens per request")
+    kv_cache_bytes: int | None = Field(
+        None, ge=2**20, description="vLLM KV-cache bytes per engine; default 512 MiB on CPU, "
+        "on GPU vLLM sizes it from gpu_memory_utilization",
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU engines only")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the hardware has it")
+    image_max_side: int = Field(1536, ge=16, description="images are downscaled to this longest side before the processor")
+    limit_images: int | None = Field(None, ge=1, description="caption at most this many images (smoke runs)")
+    actors: int = Field(1, ge=1, description="vLLM engines (one model load each)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (gpus_per_actor should match)")
+    batch_size: int = Field(64, ge=1, description="images per Ray Data batch = requests per vLLM generate call")
+    commit_every: int = Field(2000, ge=1, description="captions per store commit: a stopped job keeps what it committed")
+    retry_rejected: bool = Field(False, description="re-try images this caption version rejected before")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_a_template(cls, v: str, info: ValidationInfo) -> str:
+        if not v.strip():
+            raise ValueError("the prompt is empty")
+        try:
+            v.format(caption="", captions="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only {{caption}} and {{captions}} may appear in braces (write {{{{ }}}} for a literal brace): {e!r}") from None
+        if info.data.get("mode") == "text" and "{caption" not in v:
+            raise ValueError("text mode expands the original caption: the prompt must contain {caption} or {captions}")
+        return v
+
+
+class RefreshConfig(Section):
+    """Scheduled refresh (jobs.refresh): ingest new images, recaption and embed only what is new."""
+
+    ingest: bool = Field(True, description="ingest ingest.source first (new files only)")
+    embed: bool = Field(True, description="embed the new captions afterwards")
+
+
 # ---------------------------------------------------------------- stage 1 and 2 recipes
 class LoraConfig(Section):
     r: int = Field(16, ge=1)
@@ -210,6 +299,8 @@ class PipelineConfig(Section):
     embedded: EmbeddedDatasetConfig = Field(default_factory=EmbeddedDatasetConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    recaption: RecaptionConfig = Field(default_factory=RecaptionConfig)
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
     finetune_text: FinetuneTextConfig = Field(default_factory=FinetuneTextConfig)
     train_clip: TrainClipConfig = Field(default_factory=TrainClipConfig)
 
@@ -250,10 +341,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set ingest.batch_size=32")
+        text = expand_env(raw)
         try:
-            value = yaml.safe_load(expand_env(raw)) if raw.strip() else ""
+            value = yaml.safe_load(text) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from e
+            if text.lstrip()[:1] in "[{\"'":
+                raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from e
+            value = text  # plain prose, e.g. a prompt with a colon in it
+        if isinstance(value, (dict, list)) and text.lstrip()[:1] not in "[{":
+            value = text  # 'Describe: {caption}' is a sentence, not a mapping
         parsed.append((key.strip().split("."), value))
     return parsed
 

@@ -73,6 +73,20 @@ def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
         return f.read()
 
 
+def read_image_bytes(uri: str, max_bytes: int) -> tuple[bytes | None, str, str]:
+    """(bytes, '', '') or (None, reason, detail) for a missing, too large or unreadable file."""
+    if not uri:
+        return None, Reject.MISSING_FILE, "no image path"
+    try:
+        return read_uri(uri, max_bytes=max_bytes), "", ""
+    except FileNotFoundError:
+        return None, Reject.MISSING_FILE, f"no file at {uri}"
+    except OverflowError as e:
+        return None, Reject.FILE_TOO_LARGE, str(e)
+    except OSError as e:
+        return None, Reject.UNREADABLE, f"{type(e).__name__}: {e}"
+
+
 def inspect_image(data: bytes, limits: ImageLimits) -> ImageCheck:
     """Decode `data` fully under `limits`; ok with sha256/size/mode, or a reason."""
     if len(data) == 0:

@@ -222,12 +222,13 @@ class Store:
             txn.write(table)
             return txn.commit()
 
-    def begin(self, version: str, lineage: dict[str, Any] | None = None) -> Transaction:
+    def begin(self, version: str, lineage: dict[str, Any] | None = None, existing_keys: set[tuple] | None = None) -> Transaction:
         """Start an atomic commit: write one or more tables (or let Ray Data write files
         into `txn.staging_dir`), then `commit()`. Leaving the `with` block without
-        committing removes the staged files."""
+        committing removes the staged files. A writer that commits many times may pass
+        the version's keys it keeps up to date (`existing_keys`), so they are not re-read."""
         _check_version(version)
-        return Transaction(self, version, lineage or {})
+        return Transaction(self, version, lineage or {}, existing_keys)
 
     def prepare(self, table: pa.Table) -> pa.Table:
         """Cast a table to the store's schema, with an error naming the bad column."""
@@ -273,14 +274,14 @@ class Store:
 class Transaction:
     """A commit in progress. Only `commit()` makes its rows visible."""
 
-    def __init__(self, store: Store, version: str, lineage: dict[str, Any]):
+    def __init__(self, store: Store, version: str, lineage: dict[str, Any], existing_keys: set[tuple] | None = None):
         self.store = store
         self.version = version
         self.lineage = dict(lineage)
         # Time-prefixed ids keep commit records in write order when listed by name.
         self.commit_id = f"{utc_now().strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}"
         self.staging_dir = f"{store.root}/{version}/data/{self.commit_id}"
-        self._existing: set[tuple] | None = None
+        self._existing: set[tuple] | None = existing_keys
         self._seen: set[tuple] = set()
         self._parts = 0
         self._committed = False

@@ -17,6 +17,21 @@ MODELS_DIR = RUN_DIR / "models"
 TEST_RUN_DIR = RUN_DIR / "test"
 PORTS = {"LLM2CLIP_RAY_PORT": "6390", "LLM2CLIP_DASHBOARD_PORT": "8275", "LLM2CLIP_MLFLOW_PORT": "5010", "LLM2CLIP_CLIENT_PORT": "9011", "LLM2CLIP_AGENT_PORT": "52375"}
 
+# Image-mode recaption with the tiny random Idefics3: its random words are kept (loose
+# rules), the point is the plumbing: bytes -> actor -> processor -> vLLM -> store.
+TINY_VLM_RECAPTION = {
+    "mode": "image",
+    "model": str(MODELS_DIR / "tiny-idefics3"),
+    "prompt": "Describe this image in detail.",
+    "sampling": {"max_tokens": 24},
+    # Random weights write random words: keep them, the test is about plumbing.
+    "postprocess": {"unfinished": "keep", "min_words": 1, "max_compression_ratio": 20},
+    "kv_cache_bytes": 256 * 2**20,
+    "max_model_len": 1024,
+    "actors": 1,
+    "batch_size": 16,
+}
+
 
 @pytest.fixture(scope="session")
 def models() -> dict[str, Path]:
@@ -103,3 +118,13 @@ def write_config(path: Path, store: Path, cluster: dict[str, str], **sections) -
 def run_job(module: str, config: Path, cluster: dict[str, str], *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", module, "--config", str(config), *extra]
     return subprocess.run(cmd, cwd=REPO, env=job_env(cluster), capture_output=True, text=True, timeout=timeout)
+
+
+def run_stage(module: str, config: Path, cluster: dict[str, str], *extra: str, timeout: int = 900) -> dict:
+    """Run a job that must succeed; return its summary (written with --summary-json)."""
+    path = config.parent / f"summary-{module.rsplit('.', 1)[-1]}-{os.getpid()}-{len(list(config.parent.glob('summary-*')))}.json"
+    out = run_job(module, config, cluster, "--summary-json", str(path), *extra, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    import json
+
+    return json.loads(path.read_text())

@@ -65,3 +65,10 @@ def test_environment_expansion(tmp_path, monkeypatch):
     monkeypatch.delenv("MY_STORE")
     with pytest.raises(ConfigError, match="MY_STORE is not set"):
         load_config(cfg)
+
+
+def test_override_values_with_a_colon_stay_text():
+    from pipeline.config import parse_overrides
+
+    assert parse_overrides(["recaption.prompt=Describe this photo: {caption}"]) == [(["recaption", "prompt"], "Describe this photo: {caption}")]
+    assert parse_overrides(["embed.caption_versions=[original, provided]"]) == [(["embed", "caption_versions"], ["original", "provided"])]

@@ -18,13 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
 
 from pipeline.caption_pairs import PROTOCOLS, caption_pairs
 from pipeline.config import EmbedConfig, PipelineConfig
+from pipeline.hardware import resolve_precision
 from pipeline.metrics import caption_retrieval_accuracy
-from pipeline.store import Store, reject_row, utc_now
 from pipeline.stages.tracking import Tracker
+from pipeline.store import Store, reject_row, utc_now
 from pipeline.text_encoder import TextEncoder
 from pipeline.versioning import code_version, text_sha256
 from schemas import STORE_SCHEMAS
@@ -65,15 +65,6 @@ class EmbedResult:
             "commit": self.commit,
             "mlflow run": self.mlflow_url,
         }
-
-
-def resolve_precision(precision: str, use_gpu: bool) -> str:
-    """bf16 on GPUs that support it and on CPUs with bf16 instructions (AVX512-BF16/AMX)."""
-    if precision != "auto":
-        return precision
-    if use_gpu:
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def encoder_kwargs(cfg: EmbedConfig) -> dict[str, Any]:

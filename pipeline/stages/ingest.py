@@ -19,10 +19,16 @@ import ray
 
 from pipeline.config import ImageLimits, PipelineConfig
 from pipeline.embedded import write_embedded_dataset
-from pipeline.images import ImageCheck, Reject, image_id_for, inspect_image, read_uri
+from pipeline.images import (
+    ImageCheck,
+    Reject,
+    image_id_for,
+    inspect_image,
+    read_image_bytes,
+)
 from pipeline.listing import read_listing
-from pipeline.store import Store, reject_row, utc_now
 from pipeline.stages.tracking import Tracker
+from pipeline.store import Store, reject_row, utc_now
 from pipeline.versioning import code_version, stable_hash
 from schemas import STORE_SCHEMAS
 
@@ -85,16 +91,9 @@ def check_images(batch: pa.Table, limits: ImageLimits) -> pa.Table:
 
 
 def _check_one(uri: str, limits: ImageLimits) -> ImageCheck:
-    if not uri:
-        return ImageCheck(False, reason=Reject.MISSING_FILE, detail="the listing row has no image path")
-    try:
-        data = read_uri(uri, max_bytes=limits.max_bytes)
-    except FileNotFoundError:
-        return ImageCheck(False, reason=Reject.MISSING_FILE, detail=f"no file at {uri}")
-    except OverflowError as e:
-        return ImageCheck(False, reason=Reject.FILE_TOO_LARGE, detail=str(e))
-    except OSError as e:
-        return ImageCheck(False, reason=Reject.UNREADABLE, detail=f"{type(e).__name__}: {e}")
+    data, reason, detail = read_image_bytes(uri, limits.max_bytes)
+    if data is None:
+        return ImageCheck(False, reason=reason, detail=detail)
     return inspect_image(data, limits)
 
 
@@ -106,7 +105,10 @@ def assign_split(image_id: str, fractions: tuple[float, float, float]) -> str:
     return "val" if u < fractions[0] + fractions[1] else "test"
 
 
-def caption_rows(image_id: str, texts: list[str], caption_version: str, source: str, now) -> list[dict]:
+def caption_rows(
+    image_id: str, texts: list[str], caption_version: str, source: str, now, model: str = "", prompt_id: str = "", first_index: int = 0
+) -> list[dict]:
+    """Caption-store rows; the caption_id hashes (image, version, source, position, text)."""
     return [
         {
             "caption_id": stable_hash([image_id, caption_version, source, i, text], 16),
@@ -114,11 +116,11 @@ def caption_rows(image_id: str, texts: list[str], caption_version: str, source: 
             "text": text,
             "source": source,
             "caption_version": caption_version,
-            "model": "",
-            "prompt_id": "",
+            "model": model,
+            "prompt_id": prompt_id,
             "created_at": now,
         }
-        for i, text in enumerate(texts)
+        for i, text in enumerate(texts, start=first_index)
     ]
 
 

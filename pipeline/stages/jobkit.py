@@ -22,7 +22,10 @@ from pipeline.stages import runtime, tracking
 StageFn = Callable[[PipelineConfig, tracking.Tracker], Any]
 
 
-def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
+StatusFn = Callable[[PipelineConfig], int]
+
+
+def parse_args(stage: str, argv: list[str] | None, status: StatusFn | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=f"llm2clip-pipeline: {stage} job")
     parser.add_argument("--config", required=True, help="YAML config file (e.g. configs/local.yaml)")
     parser.add_argument(
@@ -30,13 +33,16 @@ def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
         help="override a config value, e.g. --set ingest.source=/data/listing.jsonl (repeatable)",
     )
     parser.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    parser.add_argument("--summary-json", metavar="PATH", help="also write the job's summary as JSON to PATH (for scripts)")
+    if status is not None:
+        parser.add_argument("--status", action="store_true", help=f"print the last {stage}'s record; exit 0 if it succeeded, else 1")
     return parser.parse_args(argv)
 
 
-def job_main(stage: str, run: StageFn) -> Callable[[list[str] | None], int]:
+def job_main(stage: str, run: StageFn, status: StatusFn | None = None) -> Callable[[list[str] | None], int]:
     def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        args = parse_args(stage, argv)
+        args = parse_args(stage, argv, status)
         try:
             cfg = load_config(args.config, args.overrides)
         except ConfigError as e:
@@ -45,6 +51,8 @@ def job_main(stage: str, run: StageFn) -> Callable[[list[str] | None], int]:
         if args.validate_only:
             print(f"{args.config}: valid")
             return 0
+        if getattr(args, "status", False):
+            return status(cfg)
         start = time.time()
         address = runtime.connect(cfg.ray, cfg.run_dir)
         config_text = Path(args.config).read_text() + "".join(f"# --set {o}\n" for o in args.overrides)
@@ -52,9 +60,11 @@ def job_main(stage: str, run: StageFn) -> Callable[[list[str] | None], int]:
         with tracking.start_run(cfg.mlflow, stage, resolved, config_text=config_text) as tracker:
             result = run(cfg, tracker)
             tracker.log_metrics({"wall_seconds": time.time() - start})
-        summary = result.summary() if hasattr(result, "summary") else result
+        summary = json.loads(json.dumps(result.summary() if hasattr(result, "summary") else result, default=str))
+        if args.summary_json:
+            Path(args.summary_json).write_text(json.dumps(summary, indent=2))
         print(f"\n== {stage} finished in {time.time() - start:.1f}s on Ray at {address}")
-        print(yaml.safe_dump(json.loads(json.dumps(summary, default=str)), sort_keys=False).rstrip())
+        print(yaml.safe_dump(summary, sort_keys=False).rstrip())
         return 0
 
     return main

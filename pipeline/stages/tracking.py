@@ -19,7 +19,6 @@ from mlflow.utils.time import get_current_time_millis
 from pipeline.config import MlflowConfig
 from pipeline.versioning import code_version
 
-
 _PARAM_MAX = 6000  # MLflow's param value limit is 6000 characters
 
 
