@@ -1,5 +1,6 @@
 # llm2clip-pipeline: every target does its own set-up, idempotently.
-#   make demo    run the pipeline's stages on the embedded default (local Ray + MLflow)
+#   make demo    run the pipeline's stages on the embedded default (local Ray + MLflow):
+#                jobs.refresh = ingest -> recaption -> embed
 #   make test    run the test suite (starts its own local cluster on separate ports)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -42,9 +43,8 @@ cluster-status:
 
 demo: models cluster-up
 	@set -e; source $(LLM2CLIP_RUN_DIR)/cluster.env; \
-	$(PY) -m jobs.ingest --config $(CONFIG); \
-	$(PY) -m jobs.embed --config $(CONFIG); \
-	echo; echo "== demo finished"; \
+	$(PY) -m jobs.refresh --config $(CONFIG); \
+	echo; echo "== demo finished: ingest -> recaption (vLLM, text mode) -> embed, one MLflow run with a nested run per step"; \
 	echo "stores:      $(LLM2CLIP_RUN_DIR)/store  (manifest, captions, embeddings, rejects)"; \
 	echo "models:      $(MODELS)"; \
 	echo "MLflow runs: $$MLFLOW_TRACKING_URI  (experiment llm2clip-local)"; \
@@ -56,6 +56,7 @@ test: models
 # Speed benchmarks (ratios against a baseline in the same run); see bench/README.md.
 bench: models
 	$(PY) -m bench.embed
+	$(PY) -m bench.recaption
 
 clean-runs:
 	cluster/local.sh down || true

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -170,10 +171,10 @@ class Captioner:
     bad request: the batch is retried request by request and the failures are reported."""
 
     def __init__(self, model: str, cfg: RecaptionConfig, precision: str, use_gpu: bool, trust_remote_code: bool = False):
-        from vllm import (  # imported here: only engine processes need vLLM
-            LLM,
-            SamplingParams,
-        )
+        # One engine per process (a Ray actor), so its environment is ours to set; vLLM
+        # reads these when the engine starts.
+        os.environ.update(cfg.engine_env)
+        from vllm import LLM, SamplingParams  # noqa: I001 - imported here: only engine processes need vLLM
 
         self.cfg = cfg
         self.with_image = cfg.mode == "image"

@@ -210,7 +210,10 @@ class RecaptionConfig(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (gpus_per_actor should match)")
-    batch_size: int = Field(64, ge=1, description="images per Ray Data batch = requests per vLLM generate call")
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="environment of each engine's process, e.g. VLLM_CPU_NUM_OF_RESERVED_CPU",
+    )
+    batch_size: int = Field(256, ge=1, description="images per Ray Data batch = requests per vLLM generate call (large keeps the engine busy)")
     commit_every: int = Field(2000, ge=1, description="captions per store commit: a stopped job keeps what it committed")
     retry_rejected: bool = Field(False, description="re-try images this caption version rejected before")
 

@@ -178,7 +178,7 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
         ),
         batch_size=ecfg.batch_size,
         batch_format="pyarrow",
-        concurrency=ecfg.actors,
+        compute=ray.data.ActorPoolStrategy(size=ecfg.actors),
         num_cpus=ecfg.cpus_per_actor,
         num_gpus=ecfg.gpus_per_actor,
     ).materialize()

@@ -157,7 +157,7 @@ def run_ingest(cfg: PipelineConfig, tracker: Tracker) -> IngestResult:
         fn_kwargs={"limits": icfg.limits},
         batch_format="pyarrow",
         batch_size=icfg.batch_size,
-        concurrency=icfg.concurrency,
+        compute=ray.data.TaskPoolStrategy(size=icfg.concurrency) if icfg.concurrency else None,
     )
     with (
         manifest.begin(icfg.dataset, lineage) as m_txn,

@@ -275,8 +275,10 @@ def _caption(cfg: PipelineConfig, model: str, version: str, todo: pa.Table, line
     blocks = [todo.slice(i, rc.batch_size) for i in range(0, todo.num_rows, rc.batch_size)]
     ds = ray.data.from_arrow(blocks)
     if rc.mode == "image":
-        # I/O-bound reads take a fraction of a CPU, so they run beside engines holding the rest.
-        ds = ds.map_batches(read_images, fn_kwargs={"limits": cfg.ingest.limits}, batch_format="pyarrow", batch_size=rc.batch_size, num_cpus=0.25)
+        # Reads are I/O: they reserve no CPU, so they run even when the engines hold every
+        # CPU of the cluster, and a small fixed pool bounds how many bytes are in flight.
+        ds = ds.map_batches(read_images, fn_kwargs={"limits": cfg.ingest.limits}, batch_format="pyarrow", batch_size=rc.batch_size,
+                            num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2 * rc.actors))
     else:
         ds = ds.select_columns(["image_id", "source_captions"])
     out = ds.map_batches(
@@ -285,7 +287,7 @@ def _caption(cfg: PipelineConfig, model: str, version: str, todo: pa.Table, line
                                    trust_remote_code=cfg.models.trust_remote_code),
         batch_size=rc.batch_size,
         batch_format="pyarrow",
-        concurrency=rc.actors,
+        compute=ray.data.ActorPoolStrategy(size=rc.actors),
         num_cpus=rc.cpus_per_actor,
         num_gpus=rc.gpus_per_actor,
     )
