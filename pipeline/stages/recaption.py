@@ -37,7 +37,7 @@ from pipeline.captioning import (
 from pipeline.config import ImageLimits, PipelineConfig, RecaptionConfig
 from pipeline.hardware import resolve_precision
 from pipeline.images import inspect_image, read_image_bytes, to_rgb
-from pipeline.stages.ingest import ORIGINAL_VERSION, caption_rows
+from pipeline.stages.ingest import caption_rows
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store, reject_row, utc_now
 from pipeline.versioning import code_version
@@ -187,34 +187,49 @@ def _row(image_id: str, index: int, text: str, reason: str, detail: str) -> dict
 
 # ----------------------------------------------------------------- the job
 def select_images(cfg: PipelineConfig, version: str) -> tuple[pa.Table, int, int, int]:
-    """Manifest rows that lack `version` (with their source captions), the number of
-    manifest rows, and how many were skipped as captioned / as rejected before."""
+    """The items that lack `version` (image_id, uri, sha256, source_captions), the number
+    of items, and how many were skipped as captioned / as rejected before.
+
+    Image mode captions the manifest version's images. Text mode expands the captions of
+    caption version `text_source`, for the manifest's images when the manifest version
+    exists, else for every item of that caption version (a text-only corpus)."""
     rc = cfg.recaption
     dataset = rc.dataset or cfg.ingest.dataset
-    manifest = Store(cfg.store.uri, "manifest").read(dataset, columns=["image_id", "uri", "sha256", "captions"])
+    manifest = Store(cfg.store.uri, "manifest")
     captions = Store(cfg.store.uri, "captions")
+    has_manifest = bool(manifest.commits(dataset))
+    if rc.mode == "image" or has_manifest:
+        items = manifest.read(dataset, columns=["image_id", "uri", "sha256", "captions"]).rename_columns(
+            ["image_id", "uri", "sha256", "source_captions"]
+        )
+    if rc.mode == "text":
+        if not captions.commits(rc.text_source):
+            raise ValueError(f"recaption.text_source: caption version {rc.text_source!r} does not exist; have {captions.versions()}")
+        # Row order is write order, so an image's first caption stays first.
+        source = captions.read(rc.text_source, columns=["image_id", "text"])
+        grouped = source.group_by("image_id", use_threads=False).aggregate([("text", "list")])
+        lookup = dict(zip(grouped.column("image_id").to_pylist(), grouped.column("text_list").to_pylist()))
+        ids = items.column("image_id").to_pylist() if has_manifest else list(lookup)
+        items = pa.table({
+            "image_id": pa.array(ids, type=pa.string()),
+            "uri": pa.array([""] * len(ids), type=pa.string()),
+            "sha256": pa.array([""] * len(ids), type=pa.string()),
+            "source_captions": pa.array([lookup.get(i, []) for i in ids], type=pa.list_(pa.string())),
+        })
     done = set(captions.read(version, columns=["image_id"]).column("image_id").to_pylist()) if captions.commits(version) else set()
     rejected_before: set[str] = set()
     rejects = Store(cfg.store.uri, "rejects")
     if not rc.retry_rejected and rejects.commits(f"recaption.{version}"):
-        ids = rejects.read(f"recaption.{version}", columns=["record_id"]).column("record_id").to_pylist()
-        rejected_before = {r.split("#")[0] for r in ids} - done
-    ids = manifest.column("image_id").to_pylist()
+        record_ids = rejects.read(f"recaption.{version}", columns=["record_id"]).column("record_id").to_pylist()
+        rejected_before = {r.split("#")[0] for r in record_ids} - done
+    ids = items.column("image_id").to_pylist()
     keep = [i not in done and i not in rejected_before for i in ids]
-    todo = manifest.filter(pa.array(keep, type=pa.bool_()))
+    todo = items.filter(pa.array(keep, type=pa.bool_()))
     skipped = sum(i in done for i in ids)
     skipped_rejected = sum(i in rejected_before for i in ids)
     if rc.limit_images is not None and todo.num_rows > rc.limit_images:
         todo = todo.slice(0, rc.limit_images)
-    if rc.mode == "text" and rc.text_source != ORIGINAL_VERSION:
-        source = captions.read(rc.text_source, columns=["image_id", "text"]).sort_by("image_id")
-        grouped = source.group_by("image_id", use_threads=False).aggregate([("text", "list")])
-        lookup = dict(zip(grouped.column("image_id").to_pylist(), grouped.column("text_list").to_pylist()))
-        texts = [lookup.get(i, []) for i in todo.column("image_id").to_pylist()]
-        todo = todo.append_column("source_captions", pa.array(texts, type=pa.list_(pa.string())))
-    else:
-        todo = todo.append_column("source_captions", todo.column("captions"))
-    return todo.drop_columns(["captions"]), manifest.num_rows, skipped, skipped_rejected
+    return todo, items.num_rows, skipped, skipped_rejected
 
 
 def run_recaption(cfg: PipelineConfig, tracker: Tracker) -> RecaptionResult:
@@ -232,8 +247,8 @@ def run_recaption(cfg: PipelineConfig, tracker: Tracker) -> RecaptionResult:
     manifest = Store(cfg.store.uri, "manifest")
     captions = Store(cfg.store.uri, "captions")
     rejects = Store(cfg.store.uri, "rejects")
-    inputs = [{"store": "manifest", "version": dataset, "commits": [c.commit_id for c in manifest.commits(dataset)]}]
-    if rc.mode == "text" and rc.text_source != ORIGINAL_VERSION:
+    inputs = [{"store": "manifest", "version": dataset, "commits": [c.commit_id for c in manifest.commits(dataset)]}] if manifest.commits(dataset) else []
+    if rc.mode == "text":
         inputs.append({"store": "captions", "version": rc.text_source, "commits": [c.commit_id for c in captions.commits(rc.text_source)]})
     lineage = {
         "stage": "recaption",
@@ -279,8 +294,6 @@ def _caption(cfg: PipelineConfig, model: str, version: str, todo: pa.Table, line
         # CPU of the cluster, and a small fixed pool bounds how many bytes are in flight.
         ds = ds.map_batches(read_images, fn_kwargs={"limits": cfg.ingest.limits}, batch_format="pyarrow", batch_size=rc.batch_size,
                             num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2 * rc.actors))
-    else:
-        ds = ds.select_columns(["image_id", "source_captions"])
     out = ds.map_batches(
         CaptionBatch,
         fn_constructor_kwargs=dict(model=model, cfg=rc, precision=precision, use_gpu=use_gpu, limits=cfg.ingest.limits,
