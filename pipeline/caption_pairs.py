@@ -39,3 +39,23 @@ def caption_pairs(manifest: pa.Table, captions: pa.Table, split: str | None, pro
         elif short and short[0] and dense[image["image_id"]]:
             pairs.append((short[0], dense[image["image_id"]][0]))
     return pairs
+
+
+def version_pairs(first: pa.Table, second: pa.Table, same_version: bool) -> list[tuple[str, str, str]]:
+    """(image_id, text_a, text_b) for every image with captions in both tables (caption-store
+    rows in write order): its first `first` caption with the first `second` caption that is a
+    different text (with `same_version`, the image's second caption)."""
+    by_image_a: dict[str, list[str]] = defaultdict(list)
+    by_image_b: dict[str, list[str]] = defaultdict(list)
+    for image_id, text in zip(first.column("image_id").to_pylist(), first.column("text").to_pylist()):
+        by_image_a[image_id].append(text)
+    for image_id, text in zip(second.column("image_id").to_pylist(), second.column("text").to_pylist()):
+        by_image_b[image_id].append(text)
+    pairs = []
+    for image_id, texts in by_image_a.items():
+        a = texts[0]
+        candidates = texts[1:] if same_version else by_image_b.get(image_id, [])
+        b = next((t for t in candidates if t.strip() and t != a), None)
+        if a.strip() and b is not None:
+            pairs.append((image_id, a, b))
+    return pairs

@@ -248,9 +248,36 @@ class LoraConfig(Section):
     )
 
 
+class PairSource(Section):
+    """Training pairs: for each image (or corpus item) with captions in both versions, its
+    first `first` caption and a `second` caption (a different one when the versions are the
+    same), in random direction."""
+
+    first: str = Field(description="caption version, e.g. original")
+    second: str = Field(description="caption version, e.g. provided or a recaption version")
+
+
 class FinetuneTextConfig(Section):
     """Stage 1: caption-contrastive fine-tuning of the LLM (consumed by jobs.finetune_text)."""
 
+    base_model: ModelRef | None = Field(None, description="LLM to fine-tune; default models.llm")
+    dataset: str | None = Field(None, description="manifest version whose splits apply; default ingest.dataset")
+    pairs: list[PairSource] = Field(
+        default_factory=lambda: [PairSource(first="original", second="provided"), PairSource(first="original", second="original")],
+        min_length=1,
+    )
+    eval_split: Literal["train", "val", "test"] = Field("test", description="held out from training; CRA is reported on it")
+    long_caption_eval: bool = Field(True, description="also report CRA on the built-in long-caption set (pipeline.long_captions)")
+    baseline: bool = Field(True, description="report all-MiniLM-L6-v2 on the same CRA sets")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: epochs)")
+    seed: int = 0
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint before the job fails")
+    keep_checkpoints: int = Field(2, ge=1)
+    run_name: str | None = Field(None, description="resume key; default: a hash of base model, data and recipe")
+    register_as: str | None = Field("llm2clip-text-encoder", description="MLflow registered model name (None: do not register)")
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2

@@ -30,6 +30,19 @@ class Tracker:
         self.run_id = run_id
         self.tracking_uri = tracking_uri
 
+    @classmethod
+    def for_run(cls, tracking_uri: str | None, run_id: str | None) -> Tracker:
+        """A tracker of an existing run, e.g. on rank 0 of a Ray Train job."""
+        if not tracking_uri or not run_id:
+            return cls(None, None)
+        return cls(MlflowClient(tracking_uri=tracking_uri), run_id, tracking_uri)
+
+    def artifact_uri(self, path: str = "") -> str | None:
+        if not self.enabled:
+            return None
+        base = self.client.get_run(self.run_id).info.artifact_uri
+        return f"{base}/{path}" if path else base
+
     @property
     def enabled(self) -> bool:
         return self.client is not None and self.run_id is not None

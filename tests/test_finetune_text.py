@@ -1,0 +1,155 @@
+"""`jobs.finetune_text` on the local cluster: Ray Train + DeepSpeed (ZeRO-2 and ZeRO-3, 2 CPU
+workers, gloo) on a tiny Llama; checkpoints, a killed worker, a stopped job, MLflow and the
+hand-over to `jobs.embed`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.store import Store
+from pipeline.text_encoder import TextEncoder
+from tests.conftest import MODELS_DIR, REPO, job_env, run_job, run_stage, write_config
+
+TINY = {
+    "base_model": str(MODELS_DIR / "tiny-llama"),
+    "num_workers": 2,
+    "batch_size_per_worker": 4,
+    "max_length": 64,
+    "lr": 1.0e-3,
+    "warmup_steps": 2,
+    "precision": "fp32",
+    "long_caption_eval": False,
+    "baseline": False,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, cluster, models):
+    root = tmp_path_factory.mktemp("finetune")
+    config = write_config(root / "c.yaml", root / "store", cluster, finetune_text=TINY)
+    out = run_job("jobs.ingest", config, cluster)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+def _config(root: Path, cluster, name: str, **finetune) -> Path:
+    return write_config(root / f"{name}.yaml", root / "store", cluster, finetune_text={**TINY, **finetune},
+                        embed={"actors": 1, "batch_size": 64, "cra_split": None})
+
+
+@pytest.fixture(scope="module")
+def zero2(store, cluster):
+    config = _config(store, cluster, "zero2", zero_stage=2, max_steps=6, checkpoint_every=3, mntp_steps=2)
+    return config, run_stage("jobs.finetune_text", config, cluster)
+
+
+def test_zero2_trains_and_hands_over_a_merged_encoder(zero2):
+    _, summary = zero2
+    assert summary["steps"] == 6 and np.isfinite(summary["final loss"])
+    encoder = TextEncoder.from_pretrained(summary["encoder path"])
+    assert encoder.encoder_version == summary["encoder_version"]
+    assert encoder.options.bidirectional and encoder.options.pooling == "mean"
+    assert summary["MLflow model URI"].startswith("models:/llm2clip-text-encoder/")
+    assert set(summary["CRA before (base model)"]) == set(summary["CRA after (fine-tuned)"]) >= {"scenes.short-dense"}
+
+
+def test_run_is_tracked_with_per_step_loss_and_a_registered_model(zero2, cluster):
+    _, summary = zero2
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    run_id = summary["mlflow run"].rsplit("/", 1)[1]
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # rank 0 only: one value per step
+    assert len(client.get_metric_history(run_id, "train/lr")) == 6
+    run = client.get_run(run_id)
+    assert "cra_after.scenes.short-dense" in run.data.metrics and "cra_before.scenes.short-dense" in run.data.metrics
+    assert run.data.tags["llm2clip.output.encoder_version"] == summary["encoder_version"]
+    name, version = summary["MLflow model URI"].removeprefix("models:/").split("/")
+    mv = client.get_model_version(name, version)
+    assert mv.run_id == run_id and mv.tags["encoder_version"] == summary["encoder_version"]
+
+
+def test_embed_takes_the_registered_encoder(zero2, store, cluster):
+    config, summary = zero2
+    out = run_stage("jobs.embed", config, cluster, "--set", f"embed.encoder={summary['MLflow model URI']}")
+    assert out["encoder_version (embedding store version)"] == summary["encoder_version"]
+    assert summary["encoder_version"] in Store(str(store / "store"), "embeddings").versions()
+
+
+def test_zero3_trains_with_two_workers(store, cluster):
+    summary = run_stage("jobs.finetune_text", _config(store, cluster, "zero3", zero_stage=3, max_steps=4, checkpoint_every=2,
+                                                      register_as=None), cluster)
+    assert summary["steps"] == 4 and np.isfinite(summary["final loss"]) and summary["registered model"] is None
+    assert TextEncoder.from_pretrained(summary["encoder path"]).encoder_version == summary["encoder_version"]
+
+
+def _start(config: Path, cluster) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.finetune_text", "--config", str(config), "--summary-json", str(config) + ".json"],
+                            cwd=REPO, env=job_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _registered_step(root: Path) -> int:
+    """The step of the latest checkpoint Ray Train has registered (its snapshot on storage):
+    files on disk alone do not count until every rank's report was collected."""
+    best = 0
+    for snapshot in (root / "run" / "ray_results").glob("finetune-text-*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            best = max(best, int(latest.get("metrics", {}).get("step", 0)))
+        except (OSError, ValueError):
+            pass
+    return best
+
+
+def _wait_for_checkpoint(root: Path, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        step = _registered_step(root)
+        if step >= at_least:
+            return step
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        time.sleep(0.2)
+    raise TimeoutError("no checkpoint was registered")
+
+
+def test_a_killed_worker_is_replaced_and_the_run_completes(tmp_path, store, cluster, ray_session):
+    from ray.util.state import list_actors
+
+    root = tmp_path
+    (root / "store").symlink_to(store / "store")
+    config = _config(root, cluster, "kill", max_steps=40, epochs=10, checkpoint_every=4, register_as=None, max_failures=2, seed=11)
+    proc = _start(config, cluster)
+    reached = _wait_for_checkpoint(root, proc, 4)
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) if a.pid]
+    assert workers, "no train workers found"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    (root / "job.log").write_text(out)
+    assert proc.returncode == 0, out[-5000:]
+    summary = json.loads(Path(str(config) + ".json").read_text())
+    assert summary["steps"] == 40
+    assert summary["resumed from step"] is not None and summary["resumed from step"] >= reached, out[-3000:]
+
+
+def test_a_stopped_job_resumes_and_continues_the_step_count(tmp_path, store, cluster):
+    root = tmp_path
+    (root / "store").symlink_to(store / "store")
+    config = _config(root, cluster, "stop", max_steps=40, epochs=10, checkpoint_every=4, register_as=None, seed=12)
+    proc = _start(config, cluster)
+    reached = _wait_for_checkpoint(root, proc, 8)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its workers go with it
+    proc.wait(timeout=60)
+    time.sleep(3)
+    summary = run_stage("jobs.finetune_text", config, cluster)
+    assert summary["steps"] == 40
+    assert summary["resumed from step"] is not None and summary["resumed from step"] >= reached
