@@ -1,6 +1,6 @@
 # llm2clip-pipeline: every target does its own set-up, idempotently.
 #   make demo    run the pipeline's stages on the embedded default (local Ray + MLflow):
-#                jobs.refresh = ingest -> recaption -> embed
+#                refresh (ingest -> recaption -> embed), corpus, finetune-text, embed again
 #   make test    run the test suite (starts its own local cluster on separate ports)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -44,7 +44,11 @@ cluster-status:
 demo: models cluster-up
 	@set -e; source $(LLM2CLIP_RUN_DIR)/cluster.env; \
 	$(PY) -m jobs.refresh --config $(CONFIG); \
-	echo; echo "== demo finished: ingest -> recaption (vLLM, text mode) -> embed, one MLflow run with a nested run per step"; \
+	$(PY) -m jobs.corpus --config $(CONFIG); \
+	$(PY) -m jobs.finetune_text --config $(CONFIG) --summary-json $(LLM2CLIP_RUN_DIR)/finetune_text.json; \
+	encoder=$$($(PY) -c "import json; print(json.load(open('$(LLM2CLIP_RUN_DIR)/finetune_text.json'))['MLflow model URI'])"); \
+	$(PY) -m jobs.embed --config $(CONFIG) --set embed.encoder=$$encoder; \
+	echo; echo "== demo finished: refresh (ingest -> recaption -> embed), corpus, finetune-text, embed with the fine-tuned encoder ($$encoder)"; \
 	echo "stores:      $(LLM2CLIP_RUN_DIR)/store  (manifest, captions, embeddings, rejects)"; \
 	echo "models:      $(MODELS)"; \
 	echo "MLflow runs: $$MLFLOW_TRACKING_URI  (experiment llm2clip-local)"; \

@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 
@@ -251,10 +252,29 @@ class LoraConfig(Section):
 class PairSource(Section):
     """Training pairs: for each image (or corpus item) with captions in both versions, its
     first `first` caption and a `second` caption (a different one when the versions are the
-    same), in random direction."""
+    same), in random direction. `corpus: NAME` stands for a built corpus's (short, dense) and
+    (short, paraphrase) pairs (jobs.corpus)."""
 
-    first: str = Field(description="caption version, e.g. original")
-    second: str = Field(description="caption version, e.g. provided or a recaption version")
+    first: str | None = Field(None, description="caption version, e.g. original")
+    second: str | None = Field(None, description="caption version, e.g. provided or a recaption version")
+    corpus: str | None = Field(None, description="a corpus built by jobs.corpus, e.g. everyday")
+
+    @model_validator(mode="after")
+    def _versions_or_corpus(self) -> PairSource:
+        if (self.corpus is None) == (self.first is None or self.second is None):
+            raise ValueError("give either first and second (caption versions) or corpus")
+        return self
+
+
+class CorpusConfig(Section):
+    """The everyday caption corpus (jobs.corpus): seeds -> short captions -> dense rewrites
+    and paraphrases, all by the recaption job's text mode (engine settings from recaption)."""
+
+    name: str = "everyday"
+    num_items: int = Field(600, ge=1)
+    seed: int = 0
+    model: ModelRef | None = Field(None, description="instruction LLM; default models.llm")
+    temperature: float = Field(0.7, ge=0, description="some sampling keeps the corpus varied")
 
 
 class FinetuneTextConfig(Section):
@@ -331,6 +351,7 @@ class PipelineConfig(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     recaption: RecaptionConfig = Field(default_factory=RecaptionConfig)
     refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     finetune_text: FinetuneTextConfig = Field(default_factory=FinetuneTextConfig)
     train_clip: TrainClipConfig = Field(default_factory=TrainClipConfig)
 

@@ -32,6 +32,7 @@ import ray
 from pipeline.caption_pairs import PROTOCOLS, caption_pairs, version_pairs
 from pipeline.config import PipelineConfig
 from pipeline.metrics import caption_retrieval_accuracy
+from pipeline.stages.corpus import corpus_versions
 from pipeline.stages.ingest import assign_split
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store
@@ -84,7 +85,20 @@ class FinetuneResult:
 
 # ----------------------------------------------------------------- data
 def _split_of(manifest_split: dict[str, str], item: str) -> str:
-    return manifest_split.get(item) or assign_split(item, (0.8, 0.1, 0.1))
+    """An image's manifest split; corpus items (no image) get one from a hash of their id."""
+    return manifest_split.get(item) or assign_split(stable_hash(item, 16), (0.8, 0.1, 0.1))
+
+
+def pair_versions(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
+    """(name, first version, second version) of every configured pair source."""
+    out = []
+    for source in cfg.finetune_text.pairs:
+        if source.corpus:
+            versions = corpus_versions(cfg, source.corpus)
+            out += [(f"{source.corpus}.short-vs-{role}", versions["short"], versions[role]) for role in ("dense", "paraphrase")]
+        else:
+            out.append((f"{source.first}-vs-{source.second}", source.first, source.second))
+    return out
 
 
 def training_pairs(cfg: PipelineConfig) -> tuple[pa.Table, dict[str, list[tuple[str, str]]]]:
@@ -98,12 +112,11 @@ def training_pairs(cfg: PipelineConfig) -> tuple[pa.Table, dict[str, list[tuple[
     rng = random.Random(ft.seed)
     train: list[tuple[str, str, str]] = []
     held_out: dict[str, list[tuple[str, str]]] = {}
-    for source in ft.pairs:
-        missing = [v for v in (source.first, source.second) if not captions.commits(v)]
+    for name, first, second in pair_versions(cfg):
+        missing = [v for v in (first, second) if not captions.commits(v)]
         if missing:
             raise ValueError(f"finetune_text.pairs: caption versions {missing} do not exist; have {captions.versions()}")
-        pairs = version_pairs(captions.read(source.first), captions.read(source.second), source.first == source.second)
-        name = f"{source.first}-vs-{source.second}"
+        pairs = version_pairs(captions.read(first), captions.read(second), first == second)
         held_out[name] = [(a, b) for item, a, b in pairs if _split_of(split, item) == ft.eval_split]
         for item, a, b in pairs:
             if _split_of(split, item) != ft.eval_split:
@@ -295,7 +308,7 @@ def run_name_for(cfg: PipelineConfig, base: str, num_pairs: int) -> str:
     recipe = ft.model_dump(mode="json", exclude={"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "keep_checkpoints",
                                                   "checkpoint_every", "register_as", "run_name", "long_caption_eval", "baseline"})
     captions = Store(cfg.store.uri, "captions")
-    data = [[c.commit_id for c in captions.commits(v)] for s in ft.pairs for v in (s.first, s.second)]
+    data = [[c.commit_id for c in captions.commits(v)] for _, first, second in pair_versions(cfg) for v in (first, second)]
     return "finetune-text-" + stable_hash({"base": base, "recipe": recipe, "data": data, "pairs": num_pairs}, 10)
 
 
@@ -316,7 +329,7 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
         raise ValueError(f"finetune_text: {pairs.num_rows} pairs are fewer than one global batch ({global_batch})")
     total = min(ft.max_steps or 10**12, int(ft.epochs * steps_per_epoch))
     tracker.set_tags({"llm2clip.base_model": base, "llm2clip.run_name": run_name,
-                      "llm2clip.inputs.captions": json.dumps(sorted({v for s in ft.pairs for v in (s.first, s.second)}))})
+                      "llm2clip.inputs.captions": json.dumps(sorted({v for _, a, b in pair_versions(cfg) for v in (a, b)}))})
     tracker.log_params({"train_pairs": pairs.num_rows, "total_steps": total, "global_batch": global_batch})
     tracker.log_dict({k: len(v) for k, v in sets.items()}, "finetune/cra_sets.json")
 

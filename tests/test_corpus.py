@@ -1,0 +1,71 @@
+"""`jobs.corpus`: the everyday caption corpus written by the recaption job's text mode (real
+vLLM, SmolLM2), then used by `jobs.finetune_text` as (short, dense) and (short, paraphrase) pairs."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.everyday import seeds
+from pipeline.stages.corpus import corpus_versions
+from pipeline.stages.finetune_text import pair_versions, training_pairs
+from pipeline.store import Store
+from tests.conftest import MODELS_DIR, run_stage, write_config
+
+CORPUS = {"name": "everyday", "num_items": 12, "seed": 5}
+RECAPTION = {"actors": 1, "batch_size": 16, "engine_env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
+
+
+def test_seeds_are_distinct_and_deterministic():
+    a, b = seeds(50, seed=1), seeds(50, seed=1)
+    assert a == b and len({i for i, _ in a}) == 50 and len({t for _, t in a}) == 50
+    assert seeds(50, seed=2) != a
+    with pytest.raises(ValueError, match="distinct seeds"):
+        seeds(10**6)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, cluster, models):
+    root = tmp_path_factory.mktemp("corpus")
+    config = write_config(
+        root / "c.yaml", root / "store", cluster, corpus=CORPUS, recaption=RECAPTION,
+        finetune_text={"base_model": str(MODELS_DIR / "tiny-llama"), "pairs": [{"corpus": "everyday"}], "num_workers": 2,
+                       "batch_size_per_worker": 2, "max_steps": 2, "checkpoint_every": 2, "precision": "fp32", "max_length": 64,
+                       "long_caption_eval": False, "baseline": False, "register_as": None, "eval_split": "test"},
+    )
+    return root, config, run_stage("jobs.corpus", config, cluster)
+
+
+def test_corpus_has_short_dense_and_paraphrase_versions(corpus):
+    root, config, summary = corpus
+    versions = summary["caption versions"]
+    assert set(versions) == {"seed", "short", "dense", "paraphrase"}
+    assert corpus_versions(load_config(config), "everyday") == versions
+    captions = Store(str(root / "store"), "captions")
+    short = captions.read(versions["short"])
+    assert summary["steps"]["short"]["captioned"] + summary["steps"]["short"]["rejected"] == 12
+    assert short.num_rows >= 9  # SmolLM2 writes a usable caption for most seeds
+    assert max(len(t.split()) for t in short.column("text").to_pylist()) <= 40
+    dense = captions.read(versions["dense"])
+    assert dense.num_rows >= 0.7 * short.num_rows
+    mean = lambda table: sum(len(t.split()) for t in table.column("text").to_pylist()) / max(1, table.num_rows)  # noqa: E731
+    assert mean(dense) > 2 * mean(short)  # the dense rewrite is longer than the short caption
+    assert set(dense.column("image_id").to_pylist()) <= set(short.column("image_id").to_pylist())
+
+
+def test_corpus_rerun_writes_nothing(corpus, cluster):
+    _, config, first = corpus
+    again = run_stage("jobs.corpus", config, cluster)
+    assert again["caption versions"] == first["caption versions"]
+    assert all(step["captioned"] == 0 for step in again["steps"].values())
+
+
+def test_finetune_takes_corpus_pairs(corpus, cluster):
+    root, config, _ = corpus
+    cfg = load_config(config)
+    names = [name for name, _, _ in pair_versions(cfg)]
+    assert names == ["everyday.short-vs-dense", "everyday.short-vs-paraphrase"]
+    train, held_out = training_pairs(cfg)
+    assert train.num_rows > 0 and set(held_out) == set(names)
+    summary = run_stage("jobs.finetune_text", config, cluster)
+    assert summary["steps"] == 2 and summary["encoder_version"]
