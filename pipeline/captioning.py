@@ -206,7 +206,10 @@ class Captioner:
         s = cfg.sampling
         self.sampling = SamplingParams(
             n=s.captions_per_image, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
-            repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens, seed=s.seed,
+            repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens,
+            # Per-request seeds make sampling independent of batching, but vLLM's CPU sampler
+            # fails on them ("CPU Generator does not use offset"); on CPU the engine seed rules.
+            seed=s.seed if use_gpu else None,
         )
 
     def prompt(self, instruction: str) -> str:
@@ -237,6 +240,8 @@ class Captioner:
                 try:
                     results[i] = _generation(self.llm.generate([one], self.sampling, use_tqdm=False)[0])
                 except Exception as e1:  # noqa: BLE001
+                    if type(e1).__name__ == "EngineDeadError":
+                        raise  # the engine, not the input, failed: fail the task, reject nothing
                     results[i] = Generation([], [], 0, Rejected.GENERATION_ERROR, f"{type(e1).__name__}: {e1}"[:500])
         return results  # type: ignore[return-value]
 

@@ -297,6 +297,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if step >= total:
                 break
         else:
+            if batch_in_epoch == 0:
+                raise RuntimeError(f"rank {rank}: the data shard gave no full batch of {ft.batch_size_per_worker} in epoch {epoch}")
             epoch, batch_in_epoch = epoch + 1, 0
             continue
         break

@@ -220,8 +220,9 @@ def select_images(cfg: PipelineConfig, version: str) -> tuple[pa.Table, int, int
     rejected_before: set[str] = set()
     rejects = Store(cfg.store.uri, "rejects")
     if not rc.retry_rejected and rejects.commits(f"recaption.{version}"):
-        record_ids = rejects.read(f"recaption.{version}", columns=["record_id"]).column("record_id").to_pylist()
-        rejected_before = {r.split("#")[0] for r in record_ids} - done
+        previous = rejects.read(f"recaption.{version}", columns=["record_id", "reason"]).to_pylist()
+        # A generation error may be the engine's fault, not the input's: always retried.
+        rejected_before = {r["record_id"].split("#")[0] for r in previous if r["reason"] != Rejected.GENERATION_ERROR} - done
     ids = items.column("image_id").to_pylist()
     keep = [i not in done and i not in rejected_before for i in ids]
     todo = items.filter(pa.array(keep, type=pa.bool_()))
