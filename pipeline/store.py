@@ -349,13 +349,8 @@ class Transaction:
             created_at=utc_now().isoformat(),
             lineage={**self.lineage, **(extra_lineage or {})},
         )
-        commits_dir = f"{version_dir}/_commits"
-        fs.create_dir(commits_dir, recursive=True)
-        tmp = f"{commits_dir}/.tmp-{self.commit_id}.json"
-        with fs.open_output_stream(tmp) as f:
-            f.write(commit.to_json().encode())
-        # The move is the commit point: atomic rename locally, atomic PUT on object stores.
-        fs.move(tmp, f"{commits_dir}/{self.commit_id}.json")
+        # Writing the record is the commit point.
+        put_atomically(fs, f"{version_dir}/_commits/{self.commit_id}.json", commit.to_json())
         self._committed = True
         return commit
 
@@ -364,6 +359,17 @@ class Transaction:
             self.store.fs.delete_dir(self.staging_dir)
         except FileNotFoundError:
             pass
+
+
+def put_atomically(fs: pafs.FileSystem, path: str, text: str) -> None:
+    """Write a small file so readers see all of it or nothing: write a hidden temporary
+    beside it, then move it into place (atomic rename locally, atomic PUT on object stores)."""
+    folder, name = path.rsplit("/", 1)
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.tmp-{name}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode())
+    fs.move(tmp, path)
 
 
 def reject_row(stage: str, record_id: str, reason: str, detail: str, time: datetime) -> dict[str, Any]:

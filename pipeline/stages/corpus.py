@@ -20,7 +20,7 @@ from pipeline.config import PipelineConfig, SamplingConfig, config_to_dict
 from pipeline.stages import tracking
 from pipeline.stages.ingest import caption_rows
 from pipeline.stages.recaption import run_recaption
-from pipeline.store import Store, resolve_filesystem, utc_now
+from pipeline.store import Store, put_atomically, resolve_filesystem, utc_now
 from schemas import STORE_SCHEMAS
 
 ROLES = {  # role -> (source role, prompt, max_tokens)
@@ -82,10 +82,7 @@ def run_corpus(cfg: PipelineConfig, tracker: tracking.Tracker) -> CorpusResult:
         result.steps[role] = {"captioned": out.captioned, "skipped": out.skipped, "rejected": out.rejected,
                               "caption_version": out.caption_version}
     fs, path = _record_path(cfg, cc.name)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path + ".tmp") as f:
-        f.write(json.dumps({"name": cc.name, "items": len(items), "versions": result.versions, "mlflow_run_id": tracker.run_id}).encode())
-    fs.move(path + ".tmp", path)
+    put_atomically(fs, path, json.dumps({"name": cc.name, "items": len(items), "versions": result.versions, "mlflow_run_id": tracker.run_id}))
     tracker.set_tags({f"llm2clip.output.corpus.{k}": v for k, v in result.versions.items()})
     tracker.log_dict(result.summary(), "corpus/summary.json")
     result.mlflow_url = tracker.url

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import PipelineConfig, config_to_dict
-from pipeline.store import Store, resolve_filesystem, utc_now
+from pipeline.store import Store, put_atomically, resolve_filesystem, utc_now
 from pipeline.stages import tracking
 from pipeline.stages.embed import run_embed
 from pipeline.stages.ingest import run_ingest
@@ -68,7 +68,8 @@ def refresh_records(cfg: PipelineConfig, dataset: str | None = None) -> list[dic
     import pyarrow.fs as pafs
 
     fs, folder = _records_dir(cfg, dataset or cfg.ingest.dataset)
-    infos = [i for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)) if i.base_name.endswith(".json")]
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+             if i.base_name.endswith(".json") and not i.base_name.startswith(".")]  # not a record being written
     records = []
     for info in sorted(infos, key=lambda i: i.base_name):
         with fs.open_input_stream(info.path) as f:
@@ -78,12 +79,8 @@ def refresh_records(cfg: PipelineConfig, dataset: str | None = None) -> list[dic
 
 def _write_record(cfg: PipelineConfig, result: RefreshResult) -> None:
     fs, folder = _records_dir(cfg, result.dataset)
-    fs.create_dir(folder, recursive=True)
     name = result.started_at.replace(":", "").replace("-", "").replace("+0000", "Z") + f"-{uuid.uuid4().hex[:6]}"
-    tmp, final = f"{folder}/.tmp-{name}.json", f"{folder}/{name}.json"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(result.record(), indent=2, default=str).encode())
-    fs.move(tmp, final)  # readers never see half a record
+    put_atomically(fs, f"{folder}/{name}.json", json.dumps(result.record(), indent=2, default=str))
 
 
 def refresh_status(cfg: PipelineConfig) -> int:
