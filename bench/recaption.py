@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.captioning import CaptionRequest, Captioner, chat_prompt, fill_instruction
+from pipeline.captioning import chat_prompt, fill_instruction
+from pipeline.stages.captioner import CaptionRequest, Captioner
 from pipeline.config import load_config
 from pipeline.hardware import resolve_precision
 from pipeline.stages import runtime

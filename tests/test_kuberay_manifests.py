@@ -111,9 +111,7 @@ def test_entrypoint_runs_refresh_with_a_repo_config(rayjob):
 def test_entrypoint_module_exists(rayjob):
     module = shlex.split(rayjob["spec"]["entrypoint"])[2]
     path = REPO.joinpath(*module.split(".")).with_suffix(".py")
-    if not path.exists():
-        pytest.skip(f"{path.relative_to(REPO)} does not exist yet")
-    assert path.is_file()
+    assert path.is_file(), f"{path.relative_to(REPO)} does not exist"
 
 
 def test_ray_version_matches_pyproject_pin(rayjob):

@@ -1,7 +1,7 @@
 """`recaption`: an image-manifest version -> a caption-store version of dense captions.
 
 Ray Data streams the images that lack this caption version through a pool of actors,
-each holding one vLLM engine (`pipeline.captioning.Captioner`); the same code runs on CPU
+each holding one vLLM engine (`pipeline.stages.captioner.Captioner`); the same code runs on CPU
 here and on GPU clusters. In image mode a task reads each image's encoded bytes and the
 actor decodes them; in text mode the actor expands the image's original captions. The
 driver commits the captions every `commit_every` rows, so a stopped job keeps what it
@@ -25,8 +25,6 @@ import ray
 from PIL import Image
 
 from pipeline.captioning import (
-    Captioner,
-    CaptionRequest,
     Rejected,
     caption_version,
     clean_caption,
@@ -35,6 +33,7 @@ from pipeline.captioning import (
     prompt_id,
 )
 from pipeline.config import ImageLimits, PipelineConfig, RecaptionConfig
+from pipeline.stages.captioner import CaptionRequest, Captioner
 from pipeline.hardware import resolve_precision
 from pipeline.images import inspect_image, read_image_bytes, to_rgb
 from pipeline.stages.ingest import caption_rows
