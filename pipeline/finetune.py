@@ -66,7 +66,7 @@ class TrainableEncoder(nn.Module):
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
 
 
-def contrastive_loss(model: nn.Module, tokenizer, batch: dict[str, list[str]], loss_fn: ContrastiveLoss, device: torch.device) -> torch.Tensor:
+def contrastive_loss(model: nn.Module, batch: dict[str, list[str]], loss_fn: ContrastiveLoss, device: torch.device) -> torch.Tensor:
     """InfoNCE of one batch of (first, second[, negative]) captions; `model` may be the
     DeepSpeed engine wrapping a TrainableEncoder."""
     encoder_view: TextEncoder = _unwrap(model).encoder
@@ -80,7 +80,7 @@ def contrastive_loss(model: nn.Module, tokenizer, batch: dict[str, list[str]], l
     return loss_fn(first, second, negatives)
 
 
-def mntp_loss(model: nn.Module, tokenizer, texts: list[str], device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+def mntp_loss(model: nn.Module, texts: list[str], device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
     inner = _unwrap(model)
     tokens = inner.encoder.tokenize(texts)
     vocab = inner.peft.get_base_model().config.vocab_size

@@ -105,11 +105,11 @@ def test_loss_goes_down_on_a_fixed_batch_and_the_merged_encoder_matches(models, 
     assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     loss_fn = ContrastiveLoss(50.0, gather=False)
-    mntp = mntp_loss(model, model.tokenizer, BATCH["first"], torch.device("cpu"), torch.Generator().manual_seed(0))
+    mntp = mntp_loss(model, BATCH["first"], torch.device("cpu"), torch.Generator().manual_seed(0))
     assert torch.isfinite(mntp) and mntp.item() > 0
     losses = []
     for _ in range(10):
-        loss = contrastive_loss(model, model.tokenizer, BATCH, loss_fn, torch.device("cpu"))
+        loss = contrastive_loss(model, BATCH, loss_fn, torch.device("cpu"))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

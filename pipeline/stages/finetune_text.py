@@ -280,10 +280,10 @@ def train_loop(config: dict[str, Any]) -> None:
             batch = {k: frame[k].tolist() for k in frame.columns}
             engine.train()
             if step < ft.mntp_steps:
-                loss = mntp_loss(engine, model.tokenizer, batch["first"] + batch["second"], device, generator)
+                loss = mntp_loss(engine, batch["first"] + batch["second"], device, generator)
                 scaled = loss
             else:
-                loss = contrastive_loss(engine, model.tokenizer, batch, loss_fn, device)
+                loss = contrastive_loss(engine, batch, loss_fn, device)
                 scaled = loss * loss_fn.backward_scale
             engine.backward(scaled)
             engine.step()
