@@ -258,10 +258,18 @@ class PairSource(Section):
     first: str | None = Field(None, description="caption version, e.g. original")
     second: str | None = Field(None, description="caption version, e.g. provided or a recaption version")
     corpus: str | None = Field(None, description="a corpus built by jobs.corpus, e.g. everyday")
+    reorder_sentences: bool = Field(
+        False, description="pair each `first` caption with itself in another sentence order (long captions: the match must "
+        "rest on every detail, not on word order); give no `second`")
+    repeat: int = Field(1, ge=1, le=100, description="times each pair enters an epoch (each time in a fresh random direction): "
+                        "weights a small source against large ones")
 
     @model_validator(mode="after")
     def _versions_or_corpus(self) -> PairSource:
-        if (self.corpus is None) == (self.first is None or self.second is None):
+        if self.reorder_sentences:
+            if self.first is None or self.corpus is not None or self.second not in (None, self.first):
+                raise ValueError("reorder_sentences pairs one caption version with itself: give only first")
+        elif (self.corpus is None) == (self.first is None or self.second is None):
             raise ValueError("give either first and second (caption versions) or corpus")
         return self
 
@@ -287,7 +295,10 @@ class FinetuneTextConfig(Section):
         min_length=1,
     )
     eval_split: Literal["train", "val", "test"] = Field("test", description="held out from training; CRA is reported on it")
-    long_caption_eval: bool = Field(True, description="also report CRA on the built-in long-caption set (pipeline.long_captions)")
+    builtin_eval: list[Literal["long-captions", "everyday-pairs"]] = Field(
+        default_factory=lambda: ["long-captions", "everyday-pairs"],
+        description="built-in held-out CRA sets reported beside the caption-store ones: pipeline.long_captions (80-140-word "
+        "descriptions in families of near-identical scenes), pipeline.everyday_pairs (60 hand-written everyday pairs)")
     baseline: bool = Field(True, description="report all-MiniLM-L6-v2 on the same CRA sets")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: epochs)")
     seed: int = 0
@@ -309,7 +320,8 @@ class FinetuneTextConfig(Section):
     warmup_steps: int = Field(300, ge=0)
     epochs: float = Field(1.0, gt=0)
     batch_size_per_worker: int = Field(64, ge=1)
-    max_length: int = Field(512, ge=8)
+    max_length: int = Field(512, ge=8, description="training truncates captions at this many tokens")
+    encoder_max_length: int = Field(512, ge=8, description="tokens the saved encoder (and CRA) reads; may exceed max_length")
     scale: float = Field(50.0, gt=0, description="cosine similarity scale (1 / temperature)")
     hard_negatives: bool = False
     bidirectional: bool = True

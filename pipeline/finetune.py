@@ -9,6 +9,7 @@ GPU step benchmark use.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,9 @@ def merged_encoder(base_path: str, cfg: FinetuneTextConfig, lora_state: dict[str
         raise KeyError(f"adapter weights do not match the model: {sorted(missing)[:3]}...")
     model.load_state_dict(lora_state, strict=False)
     merged = model.peft.merge_and_unload()
-    encoder = TextEncoder(merged.model, model.tokenizer, model.encoder.options, source=base_path)
+    # Training may truncate shorter than the encoder reads: mean pooling works at any length.
+    options = dataclasses.replace(model.encoder.options, max_length=cfg.encoder_max_length)
+    encoder = TextEncoder(merged.model, model.tokenizer, options, source=base_path)
     encoder.eval()
     return encoder
 

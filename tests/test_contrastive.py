@@ -121,4 +121,5 @@ def test_loss_goes_down_on_a_fixed_batch_and_the_merged_encoder_matches(models, 
     path, version = save_merged(str(models["tiny-llama"]), tiny_cfg, model.trainable_state(), tmp_path / "enc")
     reloaded = TextEncoder.from_pretrained(path)
     assert reloaded.encoder_version == version and reloaded.options.bidirectional
+    assert reloaded.options.max_length == tiny_cfg.encoder_max_length == 512  # trained at 64, reads long captions whole
     np.testing.assert_allclose(reloaded.encode(BATCH["first"] + BATCH["second"]), trained, rtol=1e-4, atol=1e-4)

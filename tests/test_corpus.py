@@ -31,7 +31,7 @@ def corpus(tmp_path_factory, cluster, models):
         root / "c.yaml", root / "store", cluster, corpus=CORPUS, recaption=RECAPTION,
         finetune_text={"base_model": str(MODELS_DIR / "tiny-llama"), "pairs": [{"corpus": "everyday"}], "num_workers": 2,
                        "batch_size_per_worker": 2, "max_steps": 2, "checkpoint_every": 2, "precision": "fp32", "max_length": 64,
-                       "long_caption_eval": False, "baseline": False, "register_as": None, "eval_split": "test"},
+                       "builtin_eval": [], "baseline": False, "register_as": None, "eval_split": "test"},
     )
     return root, config, run_stage("jobs.corpus", config, cluster)
 
@@ -63,7 +63,7 @@ def test_corpus_rerun_writes_nothing(corpus, cluster):
 def test_finetune_takes_corpus_pairs(corpus, cluster):
     root, config, _ = corpus
     cfg = load_config(config)
-    names = [name for name, _, _ in pair_versions(cfg)]
+    names = [spec.name for spec in pair_versions(cfg)]
     assert names == ["everyday.short-vs-dense", "everyday.short-vs-paraphrase"]
     train, held_out = training_pairs(cfg)
     assert train.num_rows > 0 and set(held_out) == set(names)

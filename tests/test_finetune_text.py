@@ -28,7 +28,7 @@ TINY = {
     "lr": 1.0e-3,
     "warmup_steps": 2,
     "precision": "fp32",
-    "long_caption_eval": False,
+    "builtin_eval": [],
     "baseline": False,
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
 }
@@ -87,9 +87,11 @@ def test_embed_takes_the_registered_encoder(zero2, store, cluster):
 
 
 def test_zero3_trains_with_two_workers(store, cluster):
+    pairs = [{"first": "original", "second": "provided"}, {"first": "provided", "reorder_sentences": True}]
     summary = run_stage("jobs.finetune_text", _config(store, cluster, "zero3", zero_stage=3, max_steps=4, checkpoint_every=2,
-                                                      register_as=None), cluster)
+                                                      register_as=None, pairs=pairs), cluster)
     assert summary["steps"] == 4 and np.isfinite(summary["final loss"]) and summary["registered model"] is None
+    assert set(summary["CRA after (fine-tuned)"]) >= {"heldout.original-vs-provided", "heldout.provided-vs-reordered"}
     assert TextEncoder.from_pretrained(summary["encoder path"]).encoder_version == summary["encoder_version"]
 
 
@@ -144,7 +146,9 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(tmp_path, store, clus
 def test_a_stopped_job_resumes_and_continues_the_step_count(tmp_path, store, cluster):
     root = tmp_path
     (root / "store").symlink_to(store / "store")
-    config = _config(root, cluster, "stop", max_steps=40, epochs=10, checkpoint_every=4, register_as=None, seed=12)
+    # repeats make one epoch longer than the run, so the stop falls inside it
+    pairs = [{"first": "original", "second": "provided", "repeat": 10}, {"first": "original", "second": "original", "repeat": 10}]
+    config = _config(root, cluster, "stop", max_steps=40, epochs=10, checkpoint_every=4, register_as=None, seed=12, pairs=pairs)
     proc = _start(config, cluster)
     reached = _wait_for_checkpoint(root, proc, 8)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its workers go with it
@@ -153,3 +157,39 @@ def test_a_stopped_job_resumes_and_continues_the_step_count(tmp_path, store, clu
     summary = run_stage("jobs.finetune_text", config, cluster)
     assert summary["steps"] == 40
     assert summary["resumed from step"] is not None and summary["resumed from step"] >= reached
+    # the data position: the epoch that spans the stop trained each of its pairs once
+    state = max((json.loads(p.read_text()) for p in (root / "run" / "ray_results").glob("finetune-text-*/checkpoint_*/train_state.json")),
+                key=lambda s: s["step"])
+    assert state["step"] == 40 and state["epoch"] == 0 and summary["training pairs"] > 8 * 40
+    assert len(state["trained_pair_ids"]) == 8 * (state["step"] - state["epoch_start_step"])
+
+
+def test_a_resumed_epoch_trains_exactly_the_pairs_it_had_not():
+    import pandas as pd
+
+    from pipeline.stages.finetune_text import unseen_batches
+
+    frames = [pd.DataFrame({"pair_id": range(i, i + 5), "first": [f"t{j}" for j in range(i, i + 5)]}) for i in range(0, 20, 5)]
+    seen = {0, 3, 4, 11, 19}
+    batches = list(unseen_batches(iter(frames), 4, seen))
+    ids = [i for b in batches for i in b["pair_id"]]
+    assert all(len(b["pair_id"]) == 4 for b in batches) and len(batches) == 3  # 15 unseen: 3 full batches, 3 left over
+    assert len(set(ids)) == len(ids) and not set(ids) & seen and ids == sorted(ids)
+    assert batches[0]["first"] == ["t1", "t2", "t5", "t6"]
+
+
+def test_reordered_pairs_keep_every_sentence_in_another_order():
+    import pyarrow as pa
+
+    from pipeline.config import PairSource
+    from pipeline.stages.finetune_text import reordered_pairs
+
+    texts = ["A red cube sits left. A blue ball is on top! Is it big? Yes.", "One sentence only.", "Another caption. Of img0."]
+    table = pa.table({"image_id": ["img0", "img1", "img0"], "text": texts})
+    pairs = reordered_pairs(table, seed=0)
+    assert [(item, a) for item, a, _ in pairs] == [("img0", texts[0])]  # first caption per item, 2+ sentences
+    _, a, b = pairs[0]
+    assert b != a and sorted(b.split()) == sorted(a.split())
+    assert reordered_pairs(table, seed=0) == pairs
+    with pytest.raises(ValueError, match="give only first"):
+        PairSource(first="provided", second="original", reorder_sentences=True)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import ray
@@ -41,6 +42,7 @@ from pipeline.versioning import code_version, stable_hash
 log = logging.getLogger(__name__)
 
 LORA_STATE = "adapter_state.pt"
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 TRAIN_STATE = "train_state.json"
 
 
@@ -89,20 +91,49 @@ def _split_of(manifest_split: dict[str, str], item: str) -> str:
     return manifest_split.get(item) or assign_split(stable_hash(item, 16), (0.8, 0.1, 0.1))
 
 
-def pair_versions(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
-    """(name, first version, second version) of every configured pair source."""
+class PairSpec(NamedTuple):
+    name: str
+    first: str  # caption version
+    second: str
+    reorder: bool = False  # second = first with its sentences in another order
+    repeat: int = 1
+
+
+def pair_versions(cfg: PipelineConfig) -> list[PairSpec]:
+    """The caption versions behind every configured pair source."""
     out = []
     for source in cfg.finetune_text.pairs:
         if source.corpus:
             versions = corpus_versions(cfg, source.corpus)
-            out += [(f"{source.corpus}.short-vs-{role}", versions["short"], versions[role]) for role in ("dense", "paraphrase")]
+            out += [PairSpec(f"{source.corpus}.short-vs-{role}", versions["short"], versions[role], repeat=source.repeat)
+                    for role in ("dense", "paraphrase")]
+        elif source.reorder_sentences:
+            out.append(PairSpec(f"{source.first}-vs-reordered", source.first, source.first, reorder=True, repeat=source.repeat))
         else:
-            out.append((f"{source.first}-vs-{source.second}", source.first, source.second))
+            out.append(PairSpec(f"{source.first}-vs-{source.second}", source.first, source.second, repeat=source.repeat))
     return out
 
 
+def reordered_pairs(table: pa.Table, seed: int) -> list[tuple[str, str, str]]:
+    """(item, caption, the caption's sentences in another order) for each item's first
+    caption of at least two sentences; the order depends only on (seed, text)."""
+    pairs, seen = [], set()
+    for item, text in zip(table.column("image_id").to_pylist(), table.column("text").to_pylist()):
+        sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
+        if item in seen or len(sentences) < 2:
+            continue
+        seen.add(item)
+        order = list(range(len(sentences)))
+        rng = random.Random(f"{seed}/{text}")
+        while order == sorted(order):
+            rng.shuffle(order)
+        pairs.append((item, text, " ".join(sentences[i] for i in order)))
+    return pairs
+
+
 def training_pairs(cfg: PipelineConfig) -> tuple[pa.Table, dict[str, list[tuple[str, str]]]]:
-    """The training pairs (first, second, negative) and the held-out CRA sets {name: pairs}."""
+    """The training pairs (pair_id, first, second[, negative]) in a seeded shuffled order, and
+    the held-out CRA sets {name: pairs}."""
     ft = cfg.finetune_text
     captions = Store(cfg.store.uri, "captions")
     manifest_store = Store(cfg.store.uri, "manifest")
@@ -112,23 +143,39 @@ def training_pairs(cfg: PipelineConfig) -> tuple[pa.Table, dict[str, list[tuple[
     rng = random.Random(ft.seed)
     train: list[tuple[str, str, str]] = []
     held_out: dict[str, list[tuple[str, str]]] = {}
-    for name, first, second in pair_versions(cfg):
+    for name, first, second, reorder, repeat in pair_versions(cfg):
         missing = [v for v in (first, second) if not captions.commits(v)]
         if missing:
             raise ValueError(f"finetune_text.pairs: caption versions {missing} do not exist; have {captions.versions()}")
-        pairs = version_pairs(captions.read(first), captions.read(second), first == second)
+        if reorder:
+            pairs = reordered_pairs(captions.read(first), ft.seed)
+        else:
+            pairs = version_pairs(captions.read(first), captions.read(second), first == second)
         held_out[name] = [(a, b) for item, a, b in pairs if _split_of(split, item) == ft.eval_split]
-        for item, a, b in pairs:
-            if _split_of(split, item) != ft.eval_split:
-                train.append((item, *((a, b) if rng.random() < 0.5 else (b, a))))  # random direction
+        for _ in range(repeat):
+            for item, a, b in pairs:
+                if _split_of(split, item) != ft.eval_split:
+                    train.append((item, *((a, b) if rng.random() < 0.5 else (b, a))))  # random direction
     if not train:
         raise ValueError("finetune_text: no training pairs (check finetune_text.pairs and the caption store)")
     rng.shuffle(train)
-    items = [t[0] for t in train]
-    columns = {"first": [t[1] for t in train], "second": [t[2] for t in train]}
-    if ft.hard_negatives:  # a caption of another item: shifting by one never picks the same item
-        columns["negative"] = [train[(i + 1) % len(train)][2 if items[(i + 1) % len(train)] != items[i] else 1] for i in range(len(train))]
+    # pair_id: the position in this seeded order; checkpoints record which ids an epoch has trained
+    columns = {"pair_id": list(range(len(train))), "first": [t[1] for t in train], "second": [t[2] for t in train]}
+    if ft.hard_negatives:
+        columns["negative"] = hard_negatives(train)
     return pa.table(columns), held_out
+
+
+def hard_negatives(train: list[tuple[str, str, str]]) -> list[str]:
+    """For each (item, first, second): the second caption of the next pair of another item
+    (one item may stand in several pairs, with repeats even side by side)."""
+    out = []
+    for i, (item, _, _) in enumerate(train):
+        j = next((k % len(train) for k in range(i + 1, i + len(train)) if train[k % len(train)][0] != item), None)
+        if j is None:
+            raise ValueError("finetune_text.hard_negatives needs pairs of at least two items")
+        out.append(train[j][2])
+    return out
 
 
 def cra_sets(cfg: PipelineConfig, held_out: dict[str, list[tuple[str, str]]]) -> dict[str, list[tuple[str, str]]]:
@@ -145,10 +192,14 @@ def cra_sets(cfg: PipelineConfig, held_out: dict[str, list[tuple[str, str]]]) ->
             pairs = [(text[a], text[b]) for a, b in caption_pairs(manifest_store.read(dataset), rows, ft.eval_split, protocol)]
             if len(pairs) >= 2:
                 sets[f"scenes.{protocol}"] = pairs
-    if ft.long_caption_eval:
+    if "long-captions" in ft.builtin_eval:
         from pipeline.long_captions import long_caption_pairs
 
         sets["long-captions"] = [(p.first, p.second) for p in long_caption_pairs()]
+    if "everyday-pairs" in ft.builtin_eval:
+        from pipeline.everyday_pairs import everyday_pairs
+
+        sets["everyday-pairs"] = everyday_pairs()
     return sets
 
 
@@ -191,6 +242,21 @@ def _merge(base: str, cfg_json: dict, adapter_path: str, out: str, trust_remote_
 
 
 # ----------------------------------------------------------------- worker
+def unseen_batches(frames, batch_size: int, seen: set[int]):
+    """Batches of `batch_size` rows (dicts of lists) from a stream of pandas frames, leaving
+    out rows whose pair_id is in `seen`: a resumed epoch trains exactly the pairs it had not,
+    however Ray Data splits the stream among workers this time."""
+    import pandas as pd
+
+    pending = None
+    for frame in frames:
+        frame = frame[~frame["pair_id"].isin(seen)] if seen else frame
+        pending = frame if pending is None else pd.concat([pending, frame], ignore_index=True)
+        while len(pending) >= batch_size:
+            batch, pending = pending.iloc[:batch_size], pending.iloc[batch_size:]
+            yield {k: batch[k].tolist() for k in batch.columns}
+
+
 def warmup_then_linear_decay(total: int, warmup: int):
     """lr factor: linear warm-up over `warmup` steps (at most a tenth of a short run), then
     linear decay to 0 at `total`."""
@@ -239,23 +305,33 @@ def train_loop(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     loss_fn = ContrastiveLoss(ft.scale, gather=world > 1)
 
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step, epoch, epoch_start = 0, 0, 0
+    trained: set[int] = set()  # pair_ids this rank trained on in this epoch
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = json.loads((Path(d) / TRAIN_STATE).read_text())
             engine.load_checkpoint(d, tag="state", load_module_strict=False)
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        step, epoch, epoch_start, trained = state["step"], state["epoch"], state["epoch_start_step"], set(state["trained_pair_ids"])
         if rank == 0:
-            print(f"resumed from step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
+            print(f"resumed from step {step} (epoch {epoch}, {len(trained)} of its pairs trained)", flush=True)
     resumed_from = step if checkpoint else None
     tracker = Tracker.for_run(config["tracking_uri"], config["run_id"]) if rank == 0 else Tracker(None, None)
     shard = ray.train.get_dataset_shard("train")
     generator = torch.Generator().manual_seed(ft.seed + 1000 * rank + step)
     last_loss = float("nan")
 
+    def everyone(flag: bool) -> bool:
+        """True when the flag holds on every rank: all ranks take a step or none does (their
+        shards may hold different numbers of untrained pairs after a resume)."""
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
     def save(reason: str) -> None:
         """All ranks write their DeepSpeed state into one folder; Ray Train persists it."""
+        ids: list = [None] * world
+        dist.all_gather_object(ids, sorted(trained))
         lora = {}
         if ft.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -267,17 +343,17 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics = {"step": step, "loss": last_loss, "resumed_from": resumed_from if resumed_from is not None else -1}
             if rank == 0:
                 torch.save({n: t.float() for n, t in lora.items()}, Path(tmp) / LORA_STATE)
-                (Path(tmp) / TRAIN_STATE).write_text(json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "reason": reason}))
+                state = {"step": step, "epoch": epoch, "epoch_start_step": epoch_start, "reason": reason,
+                         "trained_pair_ids": sorted(set().union(*ids))}
+                (Path(tmp) / TRAIN_STATE).write_text(json.dumps(state))
             dist.barrier()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     while step < total:
-        batches = shard.iter_batches(batch_size=ft.batch_size_per_worker, batch_format="pandas", drop_last=True,
-                                     local_shuffle_buffer_size=config["shuffle_buffer"], local_shuffle_seed=ft.seed + epoch)
-        for i, frame in enumerate(batches):
-            if i < batch_in_epoch:
-                continue  # resuming inside an epoch: these batches were trained on
-            batch = {k: frame[k].tolist() for k in frame.columns}
+        frames = shard.iter_batches(batch_size=ft.batch_size_per_worker, batch_format="pandas",
+                                    local_shuffle_buffer_size=config["shuffle_buffer"], local_shuffle_seed=ft.seed + epoch)
+        batches = unseen_batches(frames, ft.batch_size_per_worker, trained)
+        while everyone((batch := next(batches, None)) is not None):
             engine.train()
             if step < ft.mntp_steps:
                 loss = mntp_loss(engine, batch["first"] + batch["second"], device, generator)
@@ -288,29 +364,29 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.backward(scaled)
             engine.step()
             step += 1
-            batch_in_epoch = i + 1
+            trained.update(batch["pair_id"])
             last_loss = float(loss.detach())
             tracker.log_metrics({"train/loss": last_loss, "train/lr": scheduler.get_last_lr()[0],
                                  "train/phase_mntp": float(step <= ft.mntp_steps)}, step=step)
             if step % ft.checkpoint_every == 0 or step >= total:
                 save("periodic" if step < total else "final")
             if step >= total:
-                break
-        else:
-            if batch_in_epoch == 0:
-                raise RuntimeError(f"rank {rank}: the data shard gave no full batch of {ft.batch_size_per_worker} in epoch {epoch}")
-            epoch, batch_in_epoch = epoch + 1, 0
-            continue
-        break
+                return
+        for _ in batches:
+            pass  # drain: every worker reads its whole shard before the next epoch starts the stream again
+        if step == epoch_start:
+            raise RuntimeError(f"rank {rank}: the data gave no full batch of {ft.batch_size_per_worker} on every worker in epoch {epoch}")
+        epoch, epoch_start, trained = epoch + 1, step, set()
 
 
 # ----------------------------------------------------------------- driver
 def run_name_for(cfg: PipelineConfig, base: str, num_pairs: int) -> str:
     ft = cfg.finetune_text
     recipe = ft.model_dump(mode="json", exclude={"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "keep_checkpoints",
-                                                  "checkpoint_every", "register_as", "run_name", "long_caption_eval", "baseline"})
+                                                  "checkpoint_every", "register_as", "run_name", "builtin_eval", "baseline",
+                                                  "encoder_max_length"})
     captions = Store(cfg.store.uri, "captions")
-    data = [[c.commit_id for c in captions.commits(v)] for _, first, second in pair_versions(cfg) for v in (first, second)]
+    data = [[c.commit_id for c in captions.commits(v)] for spec in pair_versions(cfg) for v in (spec.first, spec.second)]
     return "finetune-text-" + stable_hash({"base": base, "recipe": recipe, "data": data, "pairs": num_pairs}, 10)
 
 
@@ -331,11 +407,11 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
         raise ValueError(f"finetune_text: {pairs.num_rows} pairs are fewer than one global batch ({global_batch})")
     total = min(ft.max_steps or 10**12, int(ft.epochs * steps_per_epoch))
     tracker.set_tags({"llm2clip.base_model": base, "llm2clip.run_name": run_name,
-                      "llm2clip.inputs.captions": json.dumps(sorted({v for _, a, b in pair_versions(cfg) for v in (a, b)}))})
+                      "llm2clip.inputs.captions": json.dumps(sorted({v for spec in pair_versions(cfg) for v in (spec.first, spec.second)}))})
     tracker.log_params({"train_pairs": pairs.num_rows, "total_steps": total, "global_batch": global_batch})
     tracker.log_dict({k: len(v) for k, v in sets.items()}, "finetune/cra_sets.json")
 
-    eval_opts = {"pooling": ft.pooling, "bidirectional": ft.bidirectional, "max_length": ft.max_length}
+    eval_opts = {"pooling": ft.pooling, "bidirectional": ft.bidirectional, "max_length": ft.encoder_max_length}
     res = {"num_gpus": 1 if ft.use_gpu else 0, "num_cpus": ft.cpus_per_worker}
     precision = "bf16" if ft.precision == "bf16" else "fp32"
     result.cra_before = ray.get(_evaluate_encoder.options(**res).remote("llm", base, sets, eval_opts, precision))
