@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -281,6 +282,8 @@ def train_loop(config: dict[str, Any]) -> None:
     from pipeline.finetune import TrainableEncoder, contrastive_loss, mntp_loss
     from pipeline.stages.tracking import Tracker
 
+    # DeepSpeed's ZeRO-2 calls a collective that torch 2.13 deprecates: one warning a step
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     ft = FinetuneTextConfig.model_validate(config["finetune_text"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
