@@ -21,9 +21,6 @@ from pipeline.contrastive import ContrastiveLoss
 from pipeline.mntp import mask_token_id, mntp_inputs
 from pipeline.text_encoder import EncoderOptions, TextEncoder, attention_mask_for
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 class TrainableEncoder(nn.Module):
     """A causal LM with LoRA on its projections. `forward(kind="embed", ...)` returns pooled
     embeddings (bidirectional attention, mean pooling by default); `forward(kind="mntp", ...)`
@@ -44,7 +41,6 @@ class TrainableEncoder(nn.Module):
         # The encoder view shares the (LoRA-injected) decoder stack with the LM. It is kept
         # out of the module tree so every parameter has one name (DeepSpeed, state dicts).
         self.__dict__["encoder"] = TextEncoder(self.peft.get_base_model().model, tokenizer, options, source=base_path)
-        self.base_path = base_path
         self.mask_id = mask_token_id(tokenizer)
         self.mask_ratio = cfg.mntp_mask_ratio
 

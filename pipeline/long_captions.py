@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.metrics import caption_retrieval_accuracy
+from pipeline.metrics import pairs_cra
 
 Form = tuple[str, str]  # (wording of variant 0, wording of variant 1)
 Value = tuple[str, str, str]  # (key word found in both wordings, variant 0, variant 1)
@@ -369,6 +369,4 @@ def long_caption_pairs(num_families: int = 40, family_size: int = 4, seed: int =
 
 def long_caption_cra(encode: Callable[[list[str]], np.ndarray], pairs: Sequence[LongCaptionPair]) -> float:
     """CRA over the pairs: `encode` maps a list of texts to one embedding row per text."""
-    first = np.asarray(encode([p.first for p in pairs]))
-    second = np.asarray(encode([p.second for p in pairs]))
-    return caption_retrieval_accuracy(first, second)
+    return pairs_cra(encode, [(p.first, p.second) for p in pairs])

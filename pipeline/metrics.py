@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,13 @@ def caption_retrieval_accuracy(first: np.ndarray, second: np.ndarray) -> float:
     np.fill_diagonal(sims, -np.inf)  # a caption does not retrieve itself
     partner = np.concatenate([np.arange(n, 2 * n), np.arange(n)])
     return float(np.mean(sims.argmax(axis=1) == partner))
+
+
+def pairs_cra(encode: Callable[[list[str]], np.ndarray], pairs: Sequence[tuple[str, str]]) -> float:
+    """CRA of text pairs under `encode` (a list of texts -> one embedding row per text)."""
+    first = np.asarray(encode([a for a, _ in pairs]))
+    second = np.asarray(encode([b for _, b in pairs]))
+    return caption_retrieval_accuracy(first, second)
 
 
 def retrieval_recall(

@@ -33,7 +33,7 @@ import ray
 
 from pipeline.caption_pairs import PROTOCOLS, caption_pairs, version_pairs
 from pipeline.config import PipelineConfig
-from pipeline.metrics import caption_retrieval_accuracy
+from pipeline.metrics import pairs_cra
 from pipeline.stages.corpus import corpus_versions
 from pipeline.stages.ingest import assign_split
 from pipeline.stages.tracking import Tracker
@@ -181,7 +181,7 @@ def hard_negatives(train: list[tuple[str, str, str]]) -> list[str]:
 
 def cra_sets(cfg: PipelineConfig, held_out: dict[str, list[tuple[str, str]]]) -> dict[str, list[tuple[str, str]]]:
     """Named CRA sets of text pairs: the held-out training pairs, the scene protocols when the
-    manifest has originals and dense captions, and the long-caption set."""
+    manifest has originals and dense captions, and the built-in sets of `builtin_eval`."""
     ft = cfg.finetune_text
     sets = {f"heldout.{k}": v for k, v in held_out.items() if len(v) >= 2}
     dataset = ft.dataset or cfg.ingest.dataset
@@ -189,8 +189,9 @@ def cra_sets(cfg: PipelineConfig, held_out: dict[str, list[tuple[str, str]]]) ->
     if manifest_store.commits(dataset):
         rows = pa.concat_tables([captions.read(v) for v in captions.versions() if v in ("original", "provided")])
         text = dict(zip(rows.column("caption_id").to_pylist(), rows.column("text").to_pylist()))
+        manifest = manifest_store.read(dataset)
         for protocol in PROTOCOLS:
-            pairs = [(text[a], text[b]) for a, b in caption_pairs(manifest_store.read(dataset), rows, ft.eval_split, protocol)]
+            pairs = [(text[a], text[b]) for a, b in caption_pairs(manifest, rows, ft.eval_split, protocol)]
             if len(pairs) >= 2:
                 sets[f"scenes.{protocol}"] = pairs
     if "long-captions" in ft.builtin_eval:
@@ -205,12 +206,7 @@ def cra_sets(cfg: PipelineConfig, held_out: dict[str, list[tuple[str, str]]]) ->
 
 
 def evaluate(encode, sets: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
-    out = {}
-    for name, pairs in sets.items():
-        first = encode([a for a, _ in pairs])
-        second = encode([b for _, b in pairs])
-        out[name] = round(caption_retrieval_accuracy(first, second), 4)
-    return out
+    return {name: round(pairs_cra(encode, pairs), 4) for name, pairs in sets.items()}
 
 
 @ray.remote
