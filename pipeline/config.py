@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -85,6 +85,7 @@ class ModelsConfig(Section):
     llm: ModelRef = Field(description="text LLM: a local path or a hub id, loaded with from_pretrained")
     vlm: ModelRef | None = Field(None, description="vision-language model for image-mode recaptioning")
     vision: ModelRef | None = Field(None, description="vision tower for train-clip (a path or hub id)")
+    clip_text: ModelRef | None = Field(None, description="small CLIP text transformer for train-clip's baseline (text_tower: clip)")
     trust_remote_code: bool = Field(False, description="off unless a model needs custom code you trust")
 
 
@@ -285,8 +286,75 @@ class CorpusConfig(Section):
     temperature: float = Field(0.7, ge=0, description="some sampling keeps the corpus varied")
 
 
-class FinetuneTextConfig(Section):
+def not_recipe(description: str) -> dict[str, Any]:
+    """Field options of a setting that does not change what a training run learns (evaluation,
+    output, memory layout): it is left out of the run's resume name."""
+    return {"description": description, "json_schema_extra": {"recipe": False}}
+
+
+class OptimizerSettings(Section):
+    """AdamW and its learning-rate schedule; every training stage has these keys."""
+
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (never on biases, norms or a logit scale)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (at most a tenth of the run)")
+    schedule: Literal["linear", "cosine"] = Field("linear", description="decay to 0 at the last step after the warm-up")
+    grad_clip: float = Field(1.0, gt=0, description="largest global gradient norm")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+
+
+class TrainerSettings(Section):
+    """Resources, checkpoints and fault tolerance of a training stage; every training stage has
+    these keys. None of them is part of the recipe: changing one never changes the run's
+    resume name, so a stopped job resumes on more or fewer workers."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
+    use_gpu: bool = Field(False, description="one GPU per worker; NCCL instead of gloo")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (Ray Data's decoding uses the rest)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage; a checkpoint resumes under the stage it was written with")
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on storage")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint before the job fails")
+    storage_path: PathOrUri | None = Field(
+        None, description="where Ray Train persists checkpoints and the stage its outputs: a local path or a pyarrow URI "
+        "(s3://, gs://); default {run_dir}/ray_results. On a multi-node cluster every node must reach it (shared "
+        "filesystem or object store)")
+    run_name: str | None = Field(None, description="resume key; default: a hash of the recipe and of the data it trains on")
+
+    def settings(self) -> TrainerSettings:
+        """Just these keys, as their own typed object (what the shared trainer takes)."""
+        return TrainerSettings.model_validate(self.model_dump(include=set(TrainerSettings.model_fields)))
+
+
+class TrainingStageConfig(TrainerSettings, OptimizerSettings):
+    """A training stage's config: its own recipe keys plus the trainer and optimizer keys, all
+    at one level. `stage_defaults` holds the stage's own defaults for shared keys (stage 1 and
+    stage 2 differ in learning rate, weight decay, ZeRO stage...); a config file overrides them."""
+
+    stage_defaults: ClassVar[dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_stage_defaults(cls, data: Any) -> Any:
+        return {**cls.stage_defaults, **data} if isinstance(data, dict) else data
+
+    def optimizer(self) -> OptimizerSettings:
+        return OptimizerSettings.model_validate(self.model_dump(include=set(OptimizerSettings.model_fields)))
+
+    def recipe(self) -> dict[str, Any]:
+        """What the run learns from, besides its data: every key but the trainer's and those
+        marked `not_recipe`. The resume name hashes this."""
+        leave_out = set(TrainerSettings.model_fields) | {
+            name for name, f in type(self).model_fields.items() if (f.json_schema_extra or {}).get("recipe") is False
+        }
+        return self.model_dump(mode="json", exclude=leave_out)
+
+
+class FinetuneTextConfig(TrainingStageConfig):
     """Stage 1: caption-contrastive fine-tuning of the LLM (consumed by jobs.finetune_text)."""
+
+    stage_defaults: ClassVar[dict[str, Any]] = {"lr": 2e-4, "warmup_steps": 300, "grad_clip": 1.0, "zero_stage": 2}
 
     base_model: ModelRef | None = Field(None, description="LLM to fine-tune; default models.llm")
     dataset: str | None = Field(None, description="manifest version whose splits apply; default ingest.dataset")
@@ -297,58 +365,97 @@ class FinetuneTextConfig(Section):
     eval_split: Literal["train", "val", "test"] = Field("test", description="held out from training; CRA is reported on it")
     builtin_eval: list[Literal["long-captions", "everyday-pairs"]] = Field(
         default_factory=lambda: ["long-captions", "everyday-pairs"],
-        description="built-in held-out CRA sets reported beside the caption-store ones: pipeline.long_captions (80-140-word "
-        "descriptions in families of near-identical scenes), pipeline.everyday_pairs (60 hand-written everyday pairs)")
-    baseline: bool = Field(True, description="report all-MiniLM-L6-v2 on the same CRA sets")
+        **not_recipe("built-in held-out CRA sets reported beside the caption-store ones: pipeline.long_captions (80-140-word "
+                     "descriptions in families of near-identical scenes), pipeline.everyday_pairs (60 hand-written everyday pairs)"))
+    baseline: bool = Field(True, **not_recipe("report all-MiniLM-L6-v2 on the same CRA sets"))
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: epochs)")
     seed: int = 0
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint before the job fails")
-    keep_checkpoints: int = Field(2, ge=1)
-    run_name: str | None = Field(None, description="resume key; default: a hash of base model, data and recipe")
-    register_as: str | None = Field("llm2clip-text-encoder", description="MLflow registered model name (None: do not register)")
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    register_as: str | None = Field("llm2clip-text-encoder", **not_recipe("MLflow registered model name (None: do not register)"))
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     mntp_steps: int = Field(0, ge=0, description="masked next-token prediction steps before contrastive (0: off)")
     mntp_mask_ratio: float = Field(0.2, gt=0, lt=1)
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    lr: float = Field(2e-4, gt=0)
-    warmup_steps: int = Field(300, ge=0)
     epochs: float = Field(1.0, gt=0)
-    batch_size_per_worker: int = Field(64, ge=1)
+    batch_size_per_worker: int = Field(64, ge=1, description="pairs per worker per step (the global batch is this x num_workers)")
     max_length: int = Field(512, ge=8, description="training truncates captions at this many tokens")
-    encoder_max_length: int = Field(512, ge=8, description="tokens the saved encoder (and CRA) reads; may exceed max_length")
+    encoder_max_length: int = Field(512, ge=8, **not_recipe("tokens the saved encoder (and CRA) reads; may exceed max_length"))
     scale: float = Field(50.0, gt=0, description="cosine similarity scale (1 / temperature)")
     hard_negatives: bool = False
     bidirectional: bool = True
     pooling: Literal["mean", "weighted_mean", "last"] = "mean"
-    checkpoint_every: int = Field(200, ge=1)
 
 
-class TrainClipConfig(Section):
-    """Stage 2: vision tower + text adapter on cached LLM embeddings (consumed by jobs.train_clip)."""
+class TrainClipConfig(TrainingStageConfig):
+    """Stage 2: vision tower + text adapter on cached LLM embeddings (consumed by jobs.train_clip).
+    Defaults are the authors' recipe (REFERENCE.md, stage 2)."""
 
-    num_workers: int = Field(8, ge=1)
-    use_gpu: bool = True
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    embed_dim: int = Field(1280, ge=1)
-    adapter_blocks: int = Field(4, ge=0)
-    adapter_expansion: int = Field(2, ge=1)
-    global_batch_size: int = Field(4096, ge=1)
+    stage_defaults: ClassVar[dict[str, Any]] = {
+        "lr": 1e-5, "weight_decay": 0.05, "warmup_steps": 0, "schedule": "cosine", "grad_clip": 5.0, "zero_stage": 1,
+        "betas": (0.9, 0.98), "eps": 1e-6,
+    }
+
+    dataset: str | None = Field(None, description="manifest version of the images; default ingest.dataset")
+    encoder: str | None = Field(
+        None, description="whose cached embeddings the text side reads: an encoder_version (enc-...), an encoder path, or an "
+        "MLflow model URI (finetune-text's hand-over); default models.llm (the raw LLM). Ignored by text_tower: clip")
+    caption_weights: dict[str, float] = Field(
+        default_factory=lambda: {"provided": 0.5, "original": 0.5},
+        description="caption versions a sample draws its caption from, with weights (each sample draws among the versions "
+        "it has, then one caption of that version uniformly)")
+    eval_captions: dict[str, str] = Field(
+        default_factory=lambda: {"short": "original", "dense": "provided"},
+        **not_recipe("validation retrieval sets: name -> caption version; every caption of a held-out image in that version"))
+    train_split: Literal["train", "val", "test"] = Field("train", description="manifest split trained on")
+    val_split: Literal["train", "val", "test"] = Field("val", **not_recipe("held-out split evaluated after every epoch"))
+    min_coverage: float = Field(
+        0.9, ge=0, le=1, **not_recipe("fail when fewer of the split's images than this have a caption embedding"))
+    text_tower: Literal["llm", "clip"] = Field(
+        "llm", description="llm: the adapter on cached LLM embeddings (LLM2CLIP); clip: a small CLIP text transformer (77 "
+        "tokens, models.clip_text) trained on the same captions, the paper's vanilla-CLIP row")
+    vision_model: ModelRef | None = Field(None, description="vision backbone (path or hub id); default models.vision")
+    vision_unlocked_groups: int | None = Field(
+        None, ge=0, description="None: train the whole vision tower; 0: lock it (train only its projection); N: lock all but "
+        "its last N layer groups")
+    embed_dim: int = Field(1280, ge=1, description="shared image-text embedding width")
+    adapter_blocks: int = Field(4, ge=0, description="pre-norm residual MLP blocks of the text adapter")
+    adapter_expansion: int = Field(2, ge=1, description="hidden width of an adapter block, as a multiple of the LLM's")
+    init_temperature: float = Field(0.07, gt=0, description="initial 1 / logit scale (clamped to [0, ln 100] as a log)")
+    loss: Literal["clip", "siglip"] = Field("clip", description="clip: symmetric InfoNCE; siglip: sigmoid loss with a bias")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="fp16 runs with dynamic loss scaling")
+    global_batch_size: int = Field(4096, ge=2, description="contrastive batch of one optimizer step, over all workers")
+    accum_steps: int = Field(
+        1, ge=1, **not_recipe("micro-batches per step and worker; the contrastive batch still spans all of them (features "
+                              "are cached, then recomputed with gradients), so it only trades memory for time"))
     epochs: float = Field(20, gt=0)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    layer_decay: float = Field(0.85, gt=0, le=1)
-    grad_clip: float = Field(5.0, gt=0)
-    dense_caption_prob: float = Field(0.5, ge=0, le=1, description="chance a sample uses its dense caption")
-    loss: Literal["clip", "siglip"] = "clip"
-    gradient_checkpointing: bool = True
-    image_size: int = Field(336, ge=16)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: epochs)")
+    text_lr: float | None = Field(None, gt=0, description="learning rate of the text side and logit scale; default lr")
+    layer_decay: float = Field(0.85, gt=0, le=1, description="layer-wise lr decay down the vision tower")
+    crop_scale: tuple[float, float] = Field((0.9, 1.0), description="RandomResizedCrop area range")
+    image_size: int | None = Field(None, ge=16, description="input side; default the vision tower's image processor's")
+    gradient_checkpointing: bool = Field(True, **not_recipe("recompute vision activations in the backward pass (memory)"))
+    seed: int = 0
+    register_as: str | None = Field("llm2clip-model", **not_recipe("MLflow registered model name (None: do not register)"))
+    register_alias: str | None = Field("latest", **not_recipe("registry alias moved to the new version"))
+
+    @field_validator("caption_weights")
+    @classmethod
+    def _positive_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError(f"give caption versions with weights >= 0 and a positive sum, got {v}")
+        return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"need 0 < low <= high <= 1, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _held_out_split(self) -> TrainClipConfig:
+        if self.val_split == self.train_split:
+            raise ValueError(f"val_split must differ from train_split ({self.train_split}): validation is on held-out images")
+        return self
 
 
 # ---------------------------------------------------------------- the whole run

@@ -30,6 +30,7 @@ from pipeline.versioning import stable_hash
 
 Pooling = Literal["mean", "weighted_mean", "last"]
 ENCODER_CONFIG = "llm2clip_encoder.json"
+ENCODER_VERSION_PREFIX = "enc-"  # encoder_version = this + a hash; also the embedding store's version name
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,14 @@ class TextEncoder(nn.Module):
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
     ) -> TextEncoder:
-        """Load any decoder LLM (Llama, Qwen2, Mistral, ...) as an encoder. Options not
-        given come from the directory's llm2clip_encoder.json (a saved encoder), else defaults."""
+        """Load any decoder LLM (Llama, Qwen2, Mistral, ...) as an encoder: a path, hub id,
+        storage URI or MLflow model URI (`pipeline.model_refs`). Options not given come from
+        the directory's llm2clip_encoder.json (a saved encoder), else defaults."""
         from transformers import AutoModel, AutoTokenizer
 
+        from pipeline.model_refs import local_path
+
+        source, path_or_id = str(path_or_id), local_path(path_or_id)
         saved = _read_options(path_or_id)
         overrides = {
             k: v
@@ -132,7 +137,7 @@ class TextEncoder(nn.Module):
         model.eval()
         if device is not None:
             model.to(device)
-        return cls(model, tokenizer, options, source=str(path_or_id))
+        return cls(model, tokenizer, options, source=source)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Save weights, tokenizer and encoder options; reloads with from_pretrained(directory)."""
@@ -171,7 +176,7 @@ class TextEncoder(nn.Module):
     @property
     def encoder_version(self) -> str:
         """Changes whenever weights, pooling, attention mode, max length or instruction change."""
-        return "enc-" + stable_hash({"weights": self.weights_digest(), **asdict(self.options)}, 16)
+        return ENCODER_VERSION_PREFIX + stable_hash({"weights": self.weights_digest(), **asdict(self.options)}, 16)
 
     # ------------------------------------------------------------------ compute
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:

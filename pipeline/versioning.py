@@ -19,6 +19,17 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def rows_digest(table, chunk: int = 65536) -> str:
+    """Short sha256 of a pyarrow table's rows in order: its values, not how Arrow happens to
+    chunk them, so the same rows built twice hash alike."""
+    h = hashlib.sha256(json.dumps(table.column_names).encode())
+    for start in range(0, table.num_rows, chunk):
+        part = table.slice(start, chunk)
+        for name in table.column_names:
+            h.update(json.dumps(part.column(name).to_pylist(), default=str).encode())
+    return h.hexdigest()[:16]
+
+
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

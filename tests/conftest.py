@@ -128,3 +128,38 @@ def run_stage(module: str, config: Path, cluster: dict[str, str], *extra: str, t
     import json
 
     return json.loads(path.read_text())
+
+
+def start_job(module: str, config: Path, cluster: dict[str, str]) -> subprocess.Popen:
+    """A job in its own session (so the test can kill it and its workers); its summary goes to CONFIG.json."""
+    return subprocess.Popen([sys.executable, "-m", module, "--config", str(config), "--summary-json", str(config) + ".json"],
+                            cwd=REPO, env=job_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def registered_step(results: Path, run_prefix: str) -> int:
+    """The step of the latest checkpoint Ray Train has registered (its snapshot on storage):
+    files on disk alone do not count until every rank's report was collected."""
+    import json
+
+    best = 0
+    for snapshot in results.glob(f"{run_prefix}*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            best = max(best, int(latest.get("metrics", {}).get("step", 0)))
+        except (OSError, ValueError):
+            pass
+    return best
+
+
+def wait_for_checkpoint(results: Path, run_prefix: str, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        step = registered_step(results, run_prefix)
+        if step >= at_least:
+            return step
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        time.sleep(0.2)
+    raise TimeoutError("no checkpoint was registered")

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.store import Store
 from pipeline.text_encoder import TextEncoder
-from tests.conftest import MODELS_DIR, REPO, job_env, run_job, run_stage, write_config
+from pipeline.training import SampleSet
+from tests.conftest import MODELS_DIR, run_job, run_stage, start_job, wait_for_checkpoint, write_config
 
 TINY = {
     "base_model": str(MODELS_DIR / "tiny-llama"),
@@ -96,32 +96,11 @@ def test_zero3_trains_with_two_workers(store, cluster):
 
 
 def _start(config: Path, cluster) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.finetune_text", "--config", str(config), "--summary-json", str(config) + ".json"],
-                            cwd=REPO, env=job_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _registered_step(root: Path) -> int:
-    """The step of the latest checkpoint Ray Train has registered (its snapshot on storage):
-    files on disk alone do not count until every rank's report was collected."""
-    best = 0
-    for snapshot in (root / "run" / "ray_results").glob("finetune-text-*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-            best = max(best, int(latest.get("metrics", {}).get("step", 0)))
-        except (OSError, ValueError):
-            pass
-    return best
+    return start_job("jobs.finetune_text", config, cluster)
 
 
 def _wait_for_checkpoint(root: Path, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        step = _registered_step(root)
-        if step >= at_least:
-            return step
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        time.sleep(0.2)
-    raise TimeoutError("no checkpoint was registered")
+    return wait_for_checkpoint(root / "run" / "ray_results", "finetune-text-", proc, at_least, timeout)
 
 
 def test_a_killed_worker_is_replaced_and_the_run_completes(tmp_path, store, cluster, ray_session):
@@ -161,7 +140,7 @@ def test_a_stopped_job_resumes_and_continues_the_step_count(tmp_path, store, clu
     state = max((json.loads(p.read_text()) for p in (root / "run" / "ray_results").glob("finetune-text-*/checkpoint_*/train_state.json")),
                 key=lambda s: s["step"])
     assert state["step"] == 40 and state["epoch"] == 0 and summary["training pairs"] > 8 * 40
-    assert len(state["trained_pair_ids"]) == 8 * (state["step"] - state["epoch_start_step"])
+    assert len(SampleSet.from_json(state["trained"])) == 8 * (state["step"] - state["epoch_start_step"])
 
 
 def test_a_resumed_epoch_trains_exactly_the_pairs_it_had_not():
@@ -193,3 +172,22 @@ def test_reordered_pairs_keep_every_sentence_in_another_order():
     assert reordered_pairs(table, seed=0) == pairs
     with pytest.raises(ValueError, match="give only first"):
         PairSource(first="provided", second="original", reorder_sentences=True)
+
+
+def test_an_unrelated_dataset_in_the_stores_keeps_the_run_name(store, cluster):
+    """The resume key hashes the pairs trained on: captions that other datasets add to the same
+    caption versions (an evaluation set, say) leave it alone, so a rerun resumes."""
+    from pipeline.config import load_config
+    from pipeline.stages.finetune_text import run_name_for, training_pairs
+
+    config = _config(store, cluster, "unrelated")
+    cfg = load_config(config)
+    before, _ = training_pairs(cfg)
+    name = run_name_for(cfg, cfg.models.llm, before)
+    commits = len(Store(cfg.store.uri, "captions").commits("original"))
+    out = run_job("jobs.ingest", config, cluster, "--set", "ingest.dataset=unrelated", "--set", "embedded.seed=1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(Store(cfg.store.uri, "captions").commits("original")) > commits  # the store did change
+    after, _ = training_pairs(cfg)
+    assert after.equals(before) and run_name_for(cfg, cfg.models.llm, after) == name
+    assert run_name_for(load_config(config, ["finetune_text.num_workers=4", "finetune_text.checkpoint_every=7"]), cfg.models.llm, after) == name

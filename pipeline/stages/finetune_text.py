@@ -2,16 +2,15 @@
 Ray Train + DeepSpeed, ending in a merged encoder that `jobs.embed` takes as it is.
 
 Driver: builds the training pairs from the caption store (held-out split left out) as a
-Ray Dataset, measures CRA of the base model, runs a `TorchTrainer`, then merges the
-adapters of the last checkpoint into a saved encoder, measures CRA again, logs the encoder
-to MLflow, registers it, and prints its path, encoder_version and MLflow model URI.
+Ray Dataset, measures CRA of the base model, trains on the shared trainer
+(`pipeline.stages.trainer`), then merges the adapters of the final checkpoint into a saved
+encoder (a Ray task reading the checkpoint from storage), measures CRA again, registers
+the encoder in MLflow, and prints its path, encoder_version and MLflow model URI.
 
-Workers (`train_loop`): one DeepSpeed engine each (ZeRO stage from config; gloo on CPU,
-NCCL on GPU), batches from `get_dataset_shard`, optional MNTP steps, then the contrastive
-loss with negatives gathered from every worker. Every `checkpoint_every` steps all ranks
-save their DeepSpeed state (adapters only: the frozen base is not written), rank 0 adds
-the adapter weights and the position in the data, and Ray Train persists it. A restarted
-job (same `run_name`) and a replaced worker group resume from the latest checkpoint.
+Workers (`FinetuneTask`): a LoRA LLM in a DeepSpeed engine, pair batches from
+`get_dataset_shard`, optional MNTP steps, then the contrastive loss with negatives
+gathered from every worker. The run name hashes the recipe and the pairs trained on, so a
+stopped job resumes, whatever else the stores gain meanwhile.
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ import json
 import logging
 import random
 import re
-import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,19 +29,19 @@ import pyarrow as pa
 import ray
 
 from pipeline.caption_pairs import PROTOCOLS, caption_pairs, version_pairs
-from pipeline.config import PipelineConfig
+from pipeline.config import FinetuneTextConfig, PipelineConfig
 from pipeline.metrics import pairs_cra
 from pipeline.stages.corpus import corpus_versions
 from pipeline.stages.ingest import assign_split
 from pipeline.stages.tracking import Tracker
+from pipeline.stages.trainer import EXPORT, StepOutput, TrainPlan, TrainTask, WorkerContext, fit, full_state, storage_path
 from pipeline.store import Store
-from pipeline.versioning import code_version, stable_hash
+from pipeline.training import TrainState, unseen_batches
+from pipeline.versioning import code_version, rows_digest, stable_hash
 
 log = logging.getLogger(__name__)
 
-LORA_STATE = "adapter_state.pt"
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-TRAIN_STATE = "train_state.json"
 
 
 @dataclass
@@ -98,6 +95,7 @@ class PairSpec(NamedTuple):
     second: str
     reorder: bool = False  # second = first with its sentences in another order
     repeat: int = 1
+    corpus: bool = False  # text-only items (no images, so no manifest)
 
 
 def pair_versions(cfg: PipelineConfig) -> list[PairSpec]:
@@ -106,7 +104,7 @@ def pair_versions(cfg: PipelineConfig) -> list[PairSpec]:
     for source in cfg.finetune_text.pairs:
         if source.corpus:
             versions = corpus_versions(cfg, source.corpus)
-            out += [PairSpec(f"{source.corpus}.short-vs-{role}", versions["short"], versions[role], repeat=source.repeat)
+            out += [PairSpec(f"{source.corpus}.short-vs-{role}", versions["short"], versions[role], repeat=source.repeat, corpus=True)
                     for role in ("dense", "paraphrase")]
         elif source.reorder_sentences:
             out.append(PairSpec(f"{source.first}-vs-reordered", source.first, source.first, reorder=True, repeat=source.repeat))
@@ -144,7 +142,7 @@ def training_pairs(cfg: PipelineConfig) -> tuple[pa.Table, dict[str, list[tuple[
     rng = random.Random(ft.seed)
     train: list[tuple[str, str, str]] = []
     held_out: dict[str, list[tuple[str, str]]] = {}
-    for name, first, second, reorder, repeat in pair_versions(cfg):
+    for name, first, second, reorder, repeat, corpus in pair_versions(cfg):
         missing = [v for v in (first, second) if not captions.commits(v)]
         if missing:
             raise ValueError(f"finetune_text.pairs: caption versions {missing} do not exist; have {captions.versions()}")
@@ -152,6 +150,9 @@ def training_pairs(cfg: PipelineConfig) -> tuple[pa.Table, dict[str, list[tuple[
             pairs = reordered_pairs(captions.read(first), ft.seed)
         else:
             pairs = version_pairs(captions.read(first), captions.read(second), first == second)
+        if not corpus and manifest is not None:
+            # a caption version holds every dataset's captions: train on this dataset's images only
+            pairs = [p for p in pairs if p[0] in split]
         held_out[name] = [(a, b) for item, a, b in pairs if _split_of(split, item) == ft.eval_split]
         for _ in range(repeat):
             for item, a, b in pairs:
@@ -226,179 +227,87 @@ def _evaluate_encoder(kind: str, path: str, sets: dict, options: dict, precision
     return evaluate(lambda t: encoder.encode(t, batch_size=32), sets)
 
 
+# ----------------------------------------------------------------- training
+@dataclass
+class FinetuneTask(TrainTask):
+    """Stage 1 on the shared trainer: a LoRA LLM, caption pairs, optional MNTP steps first,
+    then the contrastive loss with negatives gathered from every worker."""
+
+    cfg: FinetuneTextConfig
+    base_model: str
+    trust_remote_code: bool
+    shuffle_buffer: int
+
+    def build(self, ctx: WorkerContext):
+        import torch
+
+        from pipeline.contrastive import ContrastiveLoss
+        from pipeline.finetune import TrainableEncoder
+
+        self.loss_fn = ContrastiveLoss(self.cfg.scale, gather=ctx.world > 1)
+        return TrainableEncoder(self.base_model, self.cfg, dtype=torch.float32, trust_remote_code=self.trust_remote_code)
+
+    def batches(self, shard, state: TrainState, ctx: WorkerContext):
+        size = self.cfg.batch_size_per_worker
+        frames = shard.iter_batches(batch_size=size, batch_format="pandas", local_shuffle_buffer_size=self.shuffle_buffer,
+                                    local_shuffle_seed=self.cfg.seed + state.epoch)
+        return unseen_batches(frames, size, state.trained)
+
+    def train_step(self, engine, batch, state: TrainState, ctx: WorkerContext) -> StepOutput:
+        import torch
+
+        from pipeline.finetune import contrastive_loss, mntp_loss
+
+        engine.train()
+        mntp = state.step < self.cfg.mntp_steps
+        if mntp:
+            generator = torch.Generator().manual_seed(self.cfg.seed + 1000 * ctx.rank + state.step)  # same masks after a resume
+            loss = mntp_loss(engine, batch["first"] + batch["second"], ctx.device, generator)
+            engine.backward(loss)
+        else:
+            loss = contrastive_loss(engine, batch, self.loss_fn, ctx.device)
+            engine.backward(loss * self.loss_fn.backward_scale)
+        engine.step()
+        return StepOutput(loss=float(loss.detach()), sample_ids=batch["pair_id"], metrics={"phase_mntp": float(mntp)})
+
+    def export(self, engine, ctx: WorkerContext) -> dict:
+        return full_state(engine, trainable_only=True)  # the LoRA adapters
+
+
 @ray.remote
-def _merge(base: str, cfg_json: dict, adapter_path: str, out: str, trust_remote_code: bool) -> tuple[str, str]:
-    import torch
+def _merge(base: str, cfg: FinetuneTextConfig, checkpoint, dest: str, trust_remote_code: bool, tracking_uri: str | None,
+           run_id: str | None, lineage_json: str) -> tuple[str, str]:
+    """Merge the final checkpoint's adapters into a saved encoder, on whichever node runs this:
+    the adapters are read from storage, the encoder goes to `dest` (storage) and to MLflow."""
+    from safetensors.torch import load
 
-    from pipeline.config import FinetuneTextConfig
     from pipeline.finetune import save_merged
+    from pipeline.model_refs import publish_dir
 
-    state = torch.load(adapter_path, map_location="cpu")
-    path, version = save_merged(base, FinetuneTextConfig.model_validate(cfg_json), state, out, trust_remote_code)
-    return str(path), version
-
-
-# ----------------------------------------------------------------- worker
-def unseen_batches(frames, batch_size: int, seen: set[int]):
-    """Batches of `batch_size` rows (dicts of lists) from a stream of pandas frames, leaving
-    out rows whose pair_id is in `seen`: a resumed epoch trains exactly the pairs it had not,
-    however Ray Data splits the stream among workers this time."""
-    import pandas as pd
-
-    pending = None
-    for frame in frames:
-        frame = frame[~frame["pair_id"].isin(seen)] if seen else frame
-        pending = frame if pending is None else pd.concat([pending, frame], ignore_index=True)
-        while len(pending) >= batch_size:
-            batch, pending = pending.iloc[:batch_size], pending.iloc[batch_size:]
-            yield {k: batch[k].tolist() for k in batch.columns}
-
-
-def warmup_then_linear_decay(total: int, warmup: int):
-    """lr factor: linear warm-up over `warmup` steps (at most a tenth of a short run), then
-    linear decay to 0 at `total`."""
-    warmup = max(1, min(warmup, total // 10 or 1))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker function: one DeepSpeed engine, resumable."""
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
-    from pipeline.config import FinetuneTextConfig
-    from pipeline.contrastive import ContrastiveLoss
-    from pipeline.finetune import TrainableEncoder, contrastive_loss, mntp_loss
-    from pipeline.stages.tracking import Tracker
-
-    # DeepSpeed's ZeRO-2 calls a collective that torch 2.13 deprecates: one warning a step
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    ft = FinetuneTextConfig.model_validate(config["finetune_text"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(ft.seed + rank)
-    device = torch.device("cuda", ctx.get_local_rank()) if ft.use_gpu else torch.device("cpu")
-    model = TrainableEncoder(config["base_model"], ft, dtype=torch.float32, trust_remote_code=config["trust_remote_code"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=ft.lr, weight_decay=ft.weight_decay)
-    total = config["total_steps"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(total, ft.warmup_steps))
-    ds_config = {
-        "train_micro_batch_size_per_gpu": ft.batch_size_per_worker,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": ft.grad_clip,
-        "zero_optimization": {"stage": ft.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": ft.precision == "bf16"},
-        "fp16": {"enabled": ft.precision == "fp16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    loss_fn = ContrastiveLoss(ft.scale, gather=world > 1)
-
-    step, epoch, epoch_start = 0, 0, 0
-    trained: set[int] = set()  # pair_ids this rank trained on in this epoch
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = json.loads((Path(d) / TRAIN_STATE).read_text())
-            engine.load_checkpoint(d, tag="state", load_module_strict=False)
-        step, epoch, epoch_start, trained = state["step"], state["epoch"], state["epoch_start_step"], set(state["trained_pair_ids"])
-        if rank == 0:
-            print(f"resumed from step {step} (epoch {epoch}, {len(trained)} of its pairs trained)", flush=True)
-    resumed_from = step if checkpoint else None
-    tracker = Tracker.for_run(config["tracking_uri"], config["run_id"]) if rank == 0 else Tracker(None, None)
-    shard = ray.train.get_dataset_shard("train")
-    generator = torch.Generator().manual_seed(ft.seed + 1000 * rank + step)
-    last_loss = float("nan")
-
-    def everyone(flag: bool) -> bool:
-        """True when the flag holds on every rank: all ranks take a step or none does (their
-        shards may hold different numbers of untrained pairs after a resume)."""
-        t = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
-
-    def save(reason: str) -> None:
-        """All ranks write their DeepSpeed state into one folder; Ray Train persists it."""
-        ids: list = [None] * world
-        dist.all_gather_object(ids, sorted(trained))
-        lora = {}
-        if ft.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                lora = {n: p.detach().cpu().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
-        elif rank == 0:
-            lora = {n: p.detach().cpu().clone().float() for n, p in engine.module.named_parameters() if p.requires_grad}
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="state", exclude_frozen_parameters=True)
-            metrics = {"step": step, "loss": last_loss, "resumed_from": resumed_from if resumed_from is not None else -1}
-            if rank == 0:
-                torch.save({n: t.float() for n, t in lora.items()}, Path(tmp) / LORA_STATE)
-                state = {"step": step, "epoch": epoch, "epoch_start_step": epoch_start, "reason": reason,
-                         "trained_pair_ids": sorted(set().union(*ids))}
-                (Path(tmp) / TRAIN_STATE).write_text(json.dumps(state))
-            dist.barrier()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    while step < total:
-        frames = shard.iter_batches(batch_size=ft.batch_size_per_worker, batch_format="pandas",
-                                    local_shuffle_buffer_size=config["shuffle_buffer"], local_shuffle_seed=ft.seed + epoch)
-        batches = unseen_batches(frames, ft.batch_size_per_worker, trained)
-        while everyone((batch := next(batches, None)) is not None):
-            engine.train()
-            if step < ft.mntp_steps:
-                loss = mntp_loss(engine, batch["first"] + batch["second"], device, generator)
-                scaled = loss
-            else:
-                loss = contrastive_loss(engine, batch, loss_fn, device)
-                scaled = loss * loss_fn.backward_scale
-            engine.backward(scaled)
-            engine.step()
-            step += 1
-            trained.update(batch["pair_id"])
-            last_loss = float(loss.detach())
-            tracker.log_metrics({"train/loss": last_loss, "train/lr": scheduler.get_last_lr()[0],
-                                 "train/phase_mntp": float(step <= ft.mntp_steps)}, step=step)
-            if step % ft.checkpoint_every == 0 or step >= total:
-                save("periodic" if step < total else "final")
-            if step >= total:
-                return
-        for _ in batches:
-            pass  # drain: every worker reads its whole shard before the next epoch starts the stream again
-        if step == epoch_start:
-            raise RuntimeError(f"rank {rank}: the data gave no full batch of {ft.batch_size_per_worker} on every worker in epoch {epoch}")
-        epoch, epoch_start, trained = epoch + 1, step, set()
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{EXPORT}") as f:
+        adapters = load(f.read())
+    with tempfile.TemporaryDirectory() as tmp:
+        local, version = save_merged(base, cfg, adapters, Path(tmp) / "encoder", trust_remote_code)
+        (local / "llm2clip_lineage.json").write_text(lineage_json)
+        Tracker.for_run(tracking_uri, run_id).log_artifact(local, "encoder")
+        return publish_dir(local, dest), version
 
 
 # ----------------------------------------------------------------- driver
-def run_name_for(cfg: PipelineConfig, base: str, num_pairs: int) -> str:
+def run_name_for(cfg: PipelineConfig, base: str, pairs: pa.Table) -> str:
+    """The resume key: the recipe and the pairs trained on, nothing else (not resources, not
+    other versions or datasets in the stores)."""
     ft = cfg.finetune_text
-    recipe = ft.model_dump(mode="json", exclude={"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "keep_checkpoints",
-                                                  "checkpoint_every", "register_as", "run_name", "builtin_eval", "baseline",
-                                                  "encoder_max_length"})
-    captions = Store(cfg.store.uri, "captions")
-    data = [[c.commit_id for c in captions.commits(v)] for spec in pair_versions(cfg) for v in (spec.first, spec.second)]
-    return "finetune-text-" + stable_hash({"base": base, "recipe": recipe, "data": data, "pairs": num_pairs}, 10)
+    return "finetune-text-" + stable_hash({"base": base, "recipe": ft.recipe(), "pairs": rows_digest(pairs)}, 10)
 
 
 def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     ft = cfg.finetune_text
     base = ft.base_model or cfg.models.llm
     start = time.perf_counter()
     pairs, held_out = training_pairs(cfg)
     sets = cra_sets(cfg, held_out)
-    run_name = ft.run_name or run_name_for(cfg, base, pairs.num_rows)
+    run_name = ft.run_name or run_name_for(cfg, base, pairs)
     result = FinetuneResult(base_model=base, run_name=run_name, train_pairs=pairs.num_rows)
     global_batch = ft.batch_size_per_worker * ft.num_workers
     steps_per_epoch = pairs.num_rows // global_batch
@@ -417,37 +326,24 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
     if ft.baseline:
         result.cra_baseline = ray.get(_evaluate_encoder.options(num_cpus=1).remote("minilm", "", sets, {}, "fp32"))
 
-    storage = str(Path(cfg.run_dir) / "ray_results")
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "finetune_text": ft.model_dump(mode="json"), "base_model": base, "total_steps": total,
-            "trust_remote_code": cfg.models.trust_remote_code, "tracking_uri": cfg.mlflow.tracking_uri if tracker.enabled else None,
-            "run_id": tracker.run_id, "shuffle_buffer": min(10_000, max(global_batch * 4, 256)),
-        },
-        scaling_config=ScalingConfig(num_workers=ft.num_workers, use_gpu=ft.use_gpu, resources_per_worker={"CPU": ft.cpus_per_worker}),
-        datasets={"train": ray.data.from_arrow(pairs)},
-        run_config=RunConfig(
-            name=run_name, storage_path=storage,
-            failure_config=FailureConfig(max_failures=ft.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=ft.keep_checkpoints),
-        ),
+    storage = storage_path(ft.settings(), cfg.run_dir)
+    plan = TrainPlan(
+        run_name=run_name, total_steps=total, num_samples=pairs.num_rows, micro_batch=ft.batch_size_per_worker,
+        precision=ft.precision, seed=ft.seed, trainer=ft.settings(), optimizer=ft.optimizer(),
+        tracking_uri=cfg.mlflow.tracking_uri if tracker.enabled else None, mlflow_run_id=tracker.run_id,
     )
-    fit = trainer.fit()
-    if fit.checkpoint is None:
-        raise RuntimeError(f"finetune-text produced no checkpoint: {fit.error}")
-    result.steps = int(fit.metrics.get("step", 0))
-    result.final_loss = fit.metrics.get("loss")
-    resumed = fit.metrics.get("resumed_from", -1)
-    result.resumed_from_step = int(resumed) if resumed is not None and resumed >= 0 else None
+    task = FinetuneTask(cfg=ft, base_model=base, trust_remote_code=cfg.models.trust_remote_code,
+                        shuffle_buffer=min(10_000, max(global_batch * 4, 256)))
+    fitted = fit(task, plan, {"train": ray.data.from_arrow(pairs)}, storage)
+    result.steps = fitted.state.step
+    result.final_loss = fitted.state.last_loss
+    result.resumed_from_step = fitted.outcome.resumed_from_step
 
-    with fit.checkpoint.as_directory() as d:
-        adapters = Path(cfg.run_dir) / "encoders" / f".{run_name}-{result.steps}-adapters.pt"
-        adapters.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(d) / LORA_STATE, adapters)
-    out = Path(cfg.run_dir) / "encoders" / f"{run_name}-step{result.steps}"
-    path, version = ray.get(_merge.options(**res).remote(base, ft.model_dump(mode="json"), str(adapters), str(out), cfg.models.trust_remote_code))
-    adapters.unlink(missing_ok=True)
+    dest = f"{storage.rstrip('/')}/{run_name}/outputs/encoder-step{result.steps}"
+    lineage = {"stage": "finetune-text", "base_model": base, "run_name": run_name, "mlflow_run_id": tracker.run_id,
+               "config": ft.model_dump(mode="json"), "code": code_version(), "train_pairs": pairs.num_rows, "steps": result.steps}
+    path, version = ray.get(_merge.options(**res).remote(base, ft, fitted.checkpoint, dest, cfg.models.trust_remote_code,
+                                                         plan.tracking_uri, tracker.run_id, json.dumps(lineage, indent=2)))
     result.encoder_path, result.encoder_version = path, version
     result.cra_after = ray.get(_evaluate_encoder.options(**res).remote("llm", path, sets, {}, precision))
     result.seconds = time.perf_counter() - start
@@ -457,11 +353,7 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
                         | {f"cra_minilm.{k}": v for k, v in result.cra_baseline.items()}
                         | {"steps": result.steps})
     tracker.set_tags({"llm2clip.output.encoder_version": version, "llm2clip.encoder_path": path})
-    (Path(path) / "llm2clip_lineage.json").write_text(json.dumps(
-        {"stage": "finetune-text", "base_model": base, "run_name": run_name, "mlflow_run_id": tracker.run_id,
-         "config": ft.model_dump(mode="json"), "code": code_version(), "train_pairs": pairs.num_rows, "steps": result.steps}, indent=2))
     if tracker.enabled:
-        tracker.log_artifact(path, "encoder")
         result.model_uri = f"runs:/{tracker.run_id}/encoder"
         if ft.register_as:
             import mlflow
@@ -478,4 +370,3 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
     tracker.log_dict(result.summary(), "finetune/summary.json")
     result.mlflow_url = tracker.url
     return result
-

@@ -1,0 +1,68 @@
+"""Model references -> local folders, on whichever node needs the model.
+
+A reference is a local path, a hub id (left to `from_pretrained`), a pyarrow filesystem
+URI (s3://, gs://, hdfs://: a training run's output on shared storage), or an MLflow model
+URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN/PATH). Resolving happens where
+the model is loaded, so nothing assumes a filesystem shared between the driver and the
+workers. This is the one place core code reaches MLflow: only to download a model URI, and
+only when given one (the import is deferred, so core runs without MLflow installed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def is_mlflow_uri(ref: str) -> bool:
+    return str(ref).startswith(MLFLOW_PREFIXES)
+
+
+def is_remote_uri(ref: str) -> bool:
+    """A filesystem URI other than a local path (s3://..., gs://...); file:// counts as local."""
+    ref = str(ref)
+    return "://" in ref and not ref.startswith("file://") and not is_mlflow_uri(ref)
+
+
+def local_path(ref: str | Path, tracking_uri: str | None = None) -> str:
+    """A local folder holding the referenced model (downloaded into a fresh temporary
+    folder when it lives in MLflow or on remote storage), or the hub id as it is."""
+    ref = str(ref)
+    if is_mlflow_uri(ref):
+        import mlflow.artifacts
+
+        return mlflow.artifacts.download_artifacts(
+            artifact_uri=ref, tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+            dst_path=tempfile.mkdtemp(prefix="llm2clip-model-"),
+        )
+    if ref.startswith("file://"):
+        return ref[len("file://"):]
+    if is_remote_uri(ref):
+        import pyarrow.fs as pafs
+
+        dest = tempfile.mkdtemp(prefix="llm2clip-model-")
+        pafs.copy_files(ref, dest, destination_filesystem=pafs.LocalFileSystem())
+        return dest
+    return ref
+
+
+def publish_dir(local: str | Path, dest: str) -> str:
+    """Copy a finished local folder to `dest` (a local path or a filesystem URI) and return
+    `dest`. Locally the folder appears at once, by rename, or not at all."""
+    if is_remote_uri(dest):
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem())
+        return dest
+    target = Path(dest.removeprefix("file://"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(local, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return str(target)
