@@ -1,6 +1,6 @@
 # llm2clip-pipeline: every target does its own set-up, idempotently.
 #   make demo    run the pipeline's stages on the embedded default (local Ray + MLflow):
-#                refresh (ingest -> recaption -> embed), corpus, finetune-text, embed again
+#                refresh (ingest -> recaption -> embed), corpus, finetune-text, embed again, train-clip
 #   make test    run the test suite (starts its own local cluster on separate ports)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -48,7 +48,8 @@ demo: models cluster-up
 	$(PY) -m jobs.finetune_text --config $(CONFIG) --summary-json $(LLM2CLIP_RUN_DIR)/finetune_text.json; \
 	encoder=$$($(PY) -c "import json; print(json.load(open('$(LLM2CLIP_RUN_DIR)/finetune_text.json'))['MLflow model URI'])"); \
 	$(PY) -m jobs.embed --config $(CONFIG) --set embed.encoder=$$encoder; \
-	echo; echo "== demo finished: refresh (ingest -> recaption -> embed), corpus, finetune-text, embed with the fine-tuned encoder ($$encoder)"; \
+	$(PY) -m jobs.train_clip --config $(CONFIG) --set train_clip.encoder=$$encoder; \
+	echo; echo "== demo finished: refresh (ingest -> recaption -> embed), corpus, finetune-text, embed with the fine-tuned encoder ($$encoder), train-clip"; \
 	echo "stores:      $(LLM2CLIP_RUN_DIR)/store  (manifest, captions, embeddings, rejects)"; \
 	echo "models:      $(MODELS)"; \
 	echo "MLflow runs: $$MLFLOW_TRACKING_URI  (experiment llm2clip-local)"; \
@@ -61,6 +62,7 @@ test: models
 bench: models
 	$(PY) -m bench.embed
 	$(PY) -m bench.recaption
+	$(PY) -m bench.train_clip
 
 clean-runs:
 	cluster/local.sh down || true

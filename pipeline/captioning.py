@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from pipeline.config import PostprocessConfig, RecaptionConfig
+from pipeline.config import PipelineConfig, PostprocessConfig, RecaptionConfig
 from pipeline.versioning import stable_hash
 
 
@@ -68,6 +68,20 @@ def caption_version(cfg: RecaptionConfig, model: str) -> str:
         "postprocess": cfg.postprocess.model_dump(mode="json"),
     }
     return f"{cfg.mode}-{stable_hash(identity, 12)}"
+
+
+def recaption_model(cfg: PipelineConfig) -> str:
+    """The model the recaption section runs: recaption.model, else the VLM (image mode) or LLM (text mode)."""
+    rc = cfg.recaption
+    model = rc.model or (cfg.models.vlm if rc.mode == "image" else cfg.models.llm)
+    if not model:
+        raise ValueError("recaption.mode is image but neither recaption.model nor models.vlm names a vision-language model")
+    return model
+
+
+def configured_caption_version(cfg: PipelineConfig) -> str:
+    """The caption version the config's recaption section writes."""
+    return caption_version(cfg.recaption, recaption_model(cfg))
 
 
 def prompt_id(cfg: RecaptionConfig) -> str:

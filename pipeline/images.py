@@ -33,6 +33,7 @@ class Reject:
     TOO_SMALL = "too_small"
     TOO_LARGE = "too_large"
     DUPLICATE = "duplicate_image"
+    CHANGED_SINCE_INGEST = "changed_since_ingest"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,15 @@ def read_image_bytes(uri: str, max_bytes: int) -> tuple[bytes | None, str, str]:
         return None, Reject.FILE_TOO_LARGE, str(e)
     except OSError as e:
         return None, Reject.UNREADABLE, f"{type(e).__name__}: {e}"
+
+
+def read_ingested_bytes(uri: str, sha256: str, max_bytes: int) -> tuple[bytes | None, str, str]:
+    """An ingested image's bytes, or why not: besides `read_image_bytes`'s reasons, bytes that
+    no longer hash to the manifest's sha256 are refused (the image id would lie)."""
+    data, reason, detail = read_image_bytes(uri, max_bytes)
+    if data is not None and sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        return None, Reject.CHANGED_SINCE_INGEST, f"{uri} no longer has the bytes ingested as {sha256[:16]}"
+    return data, reason, detail
 
 
 def inspect_image(data: bytes, limits: ImageLimits) -> ImageCheck:

@@ -11,7 +11,6 @@ Counts reconcile per image: input = captioned + skipped + rejected.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import time
@@ -31,11 +30,12 @@ from pipeline.captioning import (
     fill_instruction,
     model_fingerprint,
     prompt_id,
+    recaption_model,
 )
 from pipeline.config import ImageLimits, PipelineConfig, RecaptionConfig
 from pipeline.stages.captioner import CaptionRequest, Captioner
 from pipeline.hardware import resolve_precision
-from pipeline.images import inspect_image, read_image_bytes, to_rgb
+from pipeline.images import inspect_image, read_ingested_bytes, to_rgb
 from pipeline.stages.ingest import caption_rows
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store, reject_row, utc_now
@@ -44,7 +44,6 @@ from schemas import STORE_SCHEMAS
 
 log = logging.getLogger(__name__)
 
-CHANGED_SINCE_INGEST = "changed_since_ingest"
 
 _OUTPUT = pa.schema(
     [
@@ -102,23 +101,13 @@ class RecaptionResult:
         }
 
 
-def resolve_model(cfg: PipelineConfig) -> str:
-    rc = cfg.recaption
-    model = rc.model or (cfg.models.vlm if rc.mode == "image" else cfg.models.llm)
-    if not model:
-        raise ValueError("recaption.mode is image but neither recaption.model nor models.vlm names a vision-language model")
-    return model
-
-
 # ----------------------------------------------------------------- Ray Data UDFs
 def read_images(batch: pa.Table, limits: ImageLimits) -> pa.Table:
-    """Task UDF: each row's encoded bytes (never decoded here), or why they could not be read.
-    Bytes that no longer hash to the manifest's sha256 are refused: the id would lie."""
+    """Task UDF: each row's encoded bytes (never decoded here), or why they could not be read
+    (including bytes that changed since ingest)."""
     data, reasons, details = [], [], []
     for uri, sha in zip(batch.column("uri").to_pylist(), batch.column("sha256").to_pylist()):
-        raw, reason, detail = read_image_bytes(uri, limits.max_bytes)
-        if raw is not None and sha and hashlib.sha256(raw).hexdigest() != sha:
-            raw, reason, detail = None, CHANGED_SINCE_INGEST, f"{uri} no longer has the bytes ingested as {sha[:16]}"
+        raw, reason, detail = read_ingested_bytes(uri, sha, limits.max_bytes)
         data.append(raw)
         reasons.append(reason)
         details.append(detail)
@@ -234,7 +223,7 @@ def select_images(cfg: PipelineConfig, version: str) -> tuple[pa.Table, int, int
 
 def run_recaption(cfg: PipelineConfig, tracker: Tracker) -> RecaptionResult:
     rc = cfg.recaption
-    model = resolve_model(cfg)
+    model = recaption_model(cfg)
     version = caption_version(rc, model)
     dataset = rc.dataset or cfg.ingest.dataset
     result = RecaptionResult(mode=rc.mode, model=model, caption_version=version, dataset=dataset)
