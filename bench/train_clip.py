@@ -28,7 +28,7 @@ from pipeline.stages import runtime
 from pipeline.stages.embed import run_embed
 from pipeline.stages.ingest import run_ingest
 from pipeline.stages.tracking import Tracker
-from pipeline.stages.train_clip import CaptionPlan, ClipTask, TextSource, load_samples, run_train_clip, text_source
+from pipeline.stages.train_clip import CaptionPlan, ClipTask, TextSource, load_samples, run_train_clip, shuffle_buffer_rows, text_source
 from pipeline.stages.trainer import TrainPlan, fit, storage_path
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = load_samples(cfg, TextSource("clip"), CaptionPlan.of(cfg), storage)  # the same samples, with caption text
         task = OnlineClipTask(
             model_config=_model_config(cfg, source.dim), vision_path=tc.vision_model or cfg.models.vision, clip_text_path=None, tc=tc,
-            eval_versions={}, shuffle_buffer=min(10_000, max(4 * tc.global_batch_size // tc.num_workers, 64)),
+            eval_versions={}, shuffle_buffer=shuffle_buffer_rows(tc.global_batch_size, tc.num_workers),
             encoder_path=cfg.models.llm, precision=resolve_precision("auto", tc.use_gpu))
         per_step = tc.num_workers * tc.accum_steps
         plan = TrainPlan(run_name="bench-online", total_steps=cached.steps, num_samples=data.num_train,

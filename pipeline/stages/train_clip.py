@@ -541,6 +541,13 @@ def _save_model(config: LLM2CLIPConfig, vision_path: str, clip_text_path: str | 
 
 
 # ----------------------------------------------------------------- driver
+def shuffle_buffer_rows(global_batch: int, workers: int) -> int:
+    """Rows each worker mixes locally. The stored order is already a seeded hash order and
+    the block order changes every epoch; a larger buffer only delays each epoch's first
+    batch, which waits for the buffer to fill."""
+    return min(10_000, max(2 * global_batch // workers, 64))
+
+
 def run_name_for(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan, digest: str) -> str:
     """The resume key: the recipe, the models and the samples trained on, nothing else (not
     resources, not other versions or datasets in the stores)."""
@@ -594,7 +601,7 @@ def run_train_clip(cfg: PipelineConfig, tracker: Tracker) -> TrainClipResult:
                      tracking_uri=cfg.mlflow.tracking_uri if tracker.enabled else None, mlflow_run_id=tracker.run_id)
     task = ClipTask(model_config=model_config, vision_path=vision, clip_text_path=clip_text, tc=tc,
                     eval_versions={name: named[v] for name, v in tc.eval_captions.items()},
-                    shuffle_buffer=min(10_000, max(4 * global_batch // tc.num_workers, 64)))
+                    shuffle_buffer=shuffle_buffer_rows(global_batch, tc.num_workers))
     fitted = fit(task, plan, {"train": data.train, "val": data.val}, storage)
     result.steps, result.final_loss = fitted.state.step, fitted.state.last_loss
     result.resumed_from_step = fitted.outcome.resumed_from_step

@@ -164,6 +164,25 @@ def _everyone(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def _started(batches: Iterator) -> Iterator:
+    """`batches` with its first item already being fetched in a thread: the next epoch's
+    stream fills (Ray Data starts its pass, decodes, fills the shuffle buffer) while this
+    thread evaluates the model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
+    first = pool.submit(next, batches, None)
+    pool.shutdown(wait=False)  # the thread ends with that one call
+
+    def chain():
+        item = first.result()
+        if item is not None:
+            yield item
+            yield from batches
+
+    return chain()
+
+
 def _merged_position(state: TrainState) -> TrainState:
     """The state with the trained ids of every rank."""
     import torch.distributed as dist
@@ -252,9 +271,9 @@ class _Loop:
             self.outcome.task_outcome = self.task.outcome(ctx)
             return self.outcome
         shard = ray.train.get_dataset_shard("train")
-        evaluated_at = -1
+        evaluated_at, upcoming = -1, None
         while state.step < plan.total_steps:
-            batches = self.task.batches(shard, state, ctx)
+            batches, upcoming = upcoming or self.task.batches(shard, state, ctx), None
             waited, started = 0.0, time.perf_counter()
             while True:
                 t0 = time.perf_counter()
@@ -288,9 +307,10 @@ class _Loop:
                 raise RuntimeError(f"rank {ctx.rank}: the data gave no full batch of {plan.micro_batch * plan.accum_steps} "
                                    f"on every worker in epoch {state.epoch}")
             self._log_epoch(shard, waited, time.perf_counter() - started)
+            state.next_epoch()
+            upcoming = _started(self.task.batches(shard, state, ctx))  # overlaps the evaluation
             self._evaluate()
             evaluated_at = state.step
-            state.next_epoch()
         if evaluated_at != state.step:
             self._evaluate()
         self.save("final")
