@@ -435,7 +435,7 @@ class TrainClipConfig(TrainingStageConfig):
     gradient_checkpointing: bool = Field(True, **not_recipe("recompute vision activations in the backward pass (memory)"))
     seed: int = 0
     register_as: str | None = Field("llm2clip-model", **not_recipe("MLflow registered model name (None: do not register)"))
-    register_alias: str | None = Field("latest", **not_recipe("registry alias moved to the new version"))
+    register_alias: str | None = Field("current", **not_recipe("registry alias moved to the new version (MLflow reserves `latest`)"))
 
     @field_validator("caption_weights")
     @classmethod
