@@ -395,9 +395,11 @@ class TrainClipConfig(TrainingStageConfig):
     }
 
     dataset: str | None = Field(None, description="manifest version of the images; default ingest.dataset")
+    # Not in the recipe: the run name hashes the encoder_version this resolves to, so a new
+    # registry version or path of the same encoder keeps the run.
     encoder: str | None = Field(
-        None, description="whose cached embeddings the text side reads: an encoder_version (enc-...), an encoder path, or an "
-        "MLflow model URI (finetune-text's hand-over); default models.llm (the raw LLM). Ignored by text_tower: clip")
+        None, **not_recipe("whose cached embeddings the text side reads: an encoder_version (enc-...), an encoder path, or an "
+        "MLflow model URI (finetune-text's hand-over); default models.llm (the raw LLM). Ignored by text_tower: clip"))
     caption_weights: dict[str, float] = Field(
         default_factory=lambda: {"provided": 0.5, "original": 0.5},
         description="caption versions a sample draws its caption from, with weights (each sample draws among the versions "
