@@ -462,11 +462,14 @@ class LLM2CLIP(nn.Module):
         text_encoder: TextEncoder | str | Path | None = None,
     ) -> torch.Tensor:
         """(n_images, n_texts) cosine similarities of raw images (or image files) and raw strings."""
+        return self.encode_image(images) @ self.embed_texts(texts, text_encoder).T
+
+    def embed_texts(self, texts: Sequence[str], text_encoder: TextEncoder | str | Path | None = None) -> torch.Tensor:
+        """float32 (n, embed_dim) unit rows of raw strings: the LLM encoder (recorded, or the one
+        given, checked by encoder_version) then the adapter; or the CLIP text tower."""
         if self.config.text_tower == "llm":
-            text_feats = self.encode_text(self._scoring_encoder(text_encoder).encode(list(texts)))
-        else:
-            text_feats = self.encode_text(list(texts))
-        return self.encode_image(images) @ text_feats.T
+            return self.encode_text(self._scoring_encoder(text_encoder).encode(list(texts)))
+        return self.encode_text(list(texts))
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> Path:

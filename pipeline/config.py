@@ -363,10 +363,11 @@ class FinetuneTextConfig(TrainingStageConfig):
         min_length=1,
     )
     eval_split: Literal["train", "val", "test"] = Field("test", description="held out from training; CRA is reported on it")
-    builtin_eval: list[Literal["long-captions", "everyday-pairs"]] = Field(
+    builtin_eval: list[Literal["long-captions", "everyday-pairs", "scenes"]] = Field(
         default_factory=lambda: ["long-captions", "everyday-pairs"],
         **not_recipe("built-in held-out CRA sets reported beside the caption-store ones: pipeline.long_captions (80-140-word "
-                     "descriptions in families of near-identical scenes), pipeline.everyday_pairs (60 hand-written everyday pairs)"))
+                     "descriptions in families of near-identical scenes), pipeline.everyday_pairs (60 hand-written everyday pairs), "
+                     "scenes (alt-text vs dense caption of unseen synthetic scenes); see pipeline.cra_sets"))
     baseline: bool = Field(True, **not_recipe("report all-MiniLM-L6-v2 on the same CRA sets"))
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: epochs)")
     seed: int = 0
@@ -460,6 +461,100 @@ class TrainClipConfig(TrainingStageConfig):
         return self
 
 
+class EvalModel(Section):
+    """One model of an evaluation (a row of the report). A bare string in `evaluate.models` is its `ref`."""
+
+    ref: str = Field(description="a text encoder (path, hub id, MLflow model URI) or an LLM2CLIP model (path or MLflow URI, "
+                     "from train-clip); `minilm` is all-MiniLM-L6-v2")
+    name: str | None = Field(None, description="the row's label; default: the folder or registry name")
+    text_encoder: str | None = Field(
+        None, description="LLM2CLIP models with the llm text tower: the encoder that turns raw strings into the embeddings "
+        "its adapter was trained on (checked by encoder_version); default: the encoder the embed stage used for that "
+        "encoder_version (from the embedding store's lineage), else the one the model records")
+
+    @field_validator("ref")
+    @classmethod
+    def _model_ref(cls, v: str) -> str:
+        return v if v == "minilm" else _absolute_if_path(v)
+
+
+EVAL_SET_KINDS = ("dataset", "coco", "karpathy", "pairs", "long", "folder", "fashion_mnist", "easy_vqa")
+
+
+class EvalSet(Section):
+    """One evaluation set: a dataset already in the stores, or files in a standard format that
+    an adapter (pipeline.eval_sets) turns into a listing for the ingest path."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="the set's name in the report (lowercase, digits, - and _)")
+    kind: Literal["dataset", "coco", "karpathy", "pairs", "long", "folder", "fashion_mnist", "easy_vqa"] = Field(
+        description="dataset: a manifest already ingested (short + long retrieval and CRA pairs of `split`); coco: the "
+        "official captions JSON; karpathy: dataset_coco.json / dataset_flickr30k.json; pairs: JSONL/Parquet/CSV of image + "
+        "captions; long: JSONL of image + one long caption (DOCCI, Urban-1k); folder: ImageNet-style class folders "
+        "(zero-shot); fashion_mnist: the Debian package's IDX files (zero-shot); easy_vqa: the PyPI package's images with "
+        "captions from their questions and answers")
+    source: str | None = Field(None, description="the file or folder (dataset: the manifest version, default ingest.dataset; "
+                               "fashion_mnist: the IDX folder, default the Debian package's; easy_vqa: unused)")
+    split: Literal["train", "val", "test"] = Field("test", description="the split evaluated (karpathy, dataset) or recorded")
+    limit: int | None = Field(None, ge=2, description="evaluate at most this many images, evenly spread over the listing")
+    options: dict[str, Any] = Field(default_factory=dict, description="the adapter's keyword options, e.g. image_root, "
+                                    "class_names, image_column, caption_column (see pipeline.eval_sets)")
+
+    @model_validator(mode="after")
+    def _adapter_options(self) -> EvalSet:
+        import inspect
+
+        if self.kind == "dataset":
+            if self.options:
+                raise ValueError(f"options: a dataset set takes none, got {sorted(self.options)}")
+            return self
+        from pipeline.eval_sets import ADAPTERS
+
+        accepted = {n for n, p in inspect.signature(ADAPTERS[self.kind]).parameters.items() if p.kind == p.KEYWORD_ONLY}
+        accepted -= {"split", "limit"}  # set by the section's own fields
+        unknown = sorted(set(self.options) - accepted)
+        if unknown:
+            raise ValueError(f"options: unknown key(s) {unknown} for kind {self.kind}; accepted: {sorted(accepted)}")
+        if self.source is None and self.kind not in ("fashion_mnist", "easy_vqa"):
+            raise ValueError(f"source: kind {self.kind} needs a file or folder")
+        return self
+
+
+class EvaluateConfig(Section):
+    """`jobs.evaluate`: models side by side on CRA, retrieval and zero-shot sets."""
+
+    models: list[EvalModel] = Field(default_factory=list, description="the models compared, one report row each")
+    minilm_baseline: bool = Field(True, description="add all-MiniLM-L6-v2 as a CRA baseline row")
+    sets: list[EvalSet] = Field(default_factory=lambda: [EvalSet(name="heldout", kind="dataset")],
+                                description="image sets; default: the ingested dataset's test split")
+    cra_sets: list[str] = Field(default_factory=lambda: ["everyday-pairs", "long-captions", "scenes"],
+                                description="caption-pair sets every model's text side is scored on: built-in names "
+                                "(everyday-pairs, long-captions, scenes) or files with columns first, second")
+    templates: PathOrUri | None = Field(None, description="zero-shot prompt templates, one per line with {} for the class "
+                                        "name; default configs/zeroshot_templates.txt")
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="recall@K cut-offs")
+    actors: int = Field(1, ge=1, description="embedding actors per model (one model load each)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1, description="texts or images per Ray Data batch")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="text encoders: auto is bf16 where the hardware has it")
+    heatmap_size: int = Field(12, ge=2, le=64, description="images (and their first captions) in the similarity heatmap")
+    output_dir: PathOrUri | None = Field(None, description="where the report goes; default {run_dir}/evaluate")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _bare_refs(cls, v: Any) -> Any:
+        return [{"ref": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+    @field_validator("sets")
+    @classmethod
+    def _unique_names(cls, v: list[EvalSet]) -> list[EvalSet]:
+        names = [s.name for s in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"set names must be unique, repeated: {dupes}")
+        return v
+
+
 # ---------------------------------------------------------------- the whole run
 class PipelineConfig(Section):
     run_dir: PathOrUri = Field(description="project-local folder for runs, logs and prepared models")
@@ -475,6 +570,7 @@ class PipelineConfig(Section):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     finetune_text: FinetuneTextConfig = Field(default_factory=FinetuneTextConfig)
     train_clip: TrainClipConfig = Field(default_factory=TrainClipConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
 # ---------------------------------------------------------------- loading

@@ -13,11 +13,13 @@ import io
 import warnings
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.config import ImageLimits
+if TYPE_CHECKING:  # the model code (clip_model -> image_transforms) runs without pyarrow/pydantic
+    from pipeline.config import ImageLimits
 
 
 class Reject:
@@ -59,6 +61,8 @@ def image_id_for(sha256: str) -> str:
 
 def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
     """Bytes of a local path or pyarrow filesystem URI; FileNotFoundError if absent."""
+    import pyarrow.fs as pafs
+
     if "://" in uri:
         fs, path = pafs.FileSystem.from_uri(uri)
     else:

@@ -127,17 +127,21 @@ class TextEncoder(nn.Module):
         if isinstance(dtype, str):
             dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[dtype]
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-        model = AutoModel.from_pretrained(
-            path_or_id, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
-        )
+        # Loaded in the checkpoint's own dtype, hashed, then cast: the encoder_version names the
+        # weights as saved, so an fp32 checkpoint computed in bf16 keeps its identity.
+        model = AutoModel.from_pretrained(path_or_id, dtype="auto", trust_remote_code=trust_remote_code,
+                                          attn_implementation=attn_implementation)
         if lora is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
         model.eval()
+        encoder = cls(model, tokenizer, options, source=source)
+        encoder.weights_digest()
+        model.to(dtype=dtype or torch.float32)
         if device is not None:
             model.to(device)
-        return cls(model, tokenizer, options, source=source)
+        return encoder
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Save weights, tokenizer and encoder options; reloads with from_pretrained(directory)."""
@@ -165,7 +169,7 @@ class TextEncoder(nn.Module):
             h = hashlib.sha256()
             for name, tensor in sorted(self.model.state_dict().items()):
                 h.update(name.encode())
-                # float32 view: the same bf16 checkpoint loaded in bf16 or fp32 hashes alike
+                # float32 view of the weights as loaded from the checkpoint (from_pretrained hashes before casting)
                 h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
             self._weights_digest = h.hexdigest()
         return self._weights_digest

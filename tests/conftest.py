@@ -130,6 +130,15 @@ def run_stage(module: str, config: Path, cluster: dict[str, str], *extra: str, t
     return json.loads(path.read_text())
 
 
+def ingest_in_process(config: Path, *overrides: str) -> None:
+    """Input preparation in the test process (the ingest job itself is tested elsewhere)."""
+    from pipeline.config import load_config
+    from pipeline.stages.ingest import run_ingest
+    from pipeline.stages.tracking import Tracker
+
+    run_ingest(load_config(config, list(overrides)), Tracker(None, None))
+
+
 def start_job(module: str, config: Path, cluster: dict[str, str]) -> subprocess.Popen:
     """A job in its own session (so the test can kill it and its workers); its summary goes to CONFIG.json."""
     return subprocess.Popen([sys.executable, "-m", module, "--config", str(config), "--summary-json", str(config) + ".json"],

@@ -36,6 +36,12 @@ def test_overrides_are_typed():
         ("ingest.limits.max_side=-1", "ingest.limits.max_side", "greater than or equal to 1"),
         ("ingest.split_fractions=[0.5, 0.5, 0.5]", "ingest.split_fractions", "sum to 1"),
         ("train_clip.loss=hinge", "train_clip.loss", "'clip' or 'siglip'"),
+        ("evaluate.sets=[{name: t, kind: folder, source: /x, options: {class_name: a.txt}}]", "evaluate.sets.0",
+         "unknown key(s) ['class_name'] for kind folder; accepted: ['class_names']"),
+        ("evaluate.sets=[{name: t, kind: coco}]", "evaluate.sets.0", "source: kind coco needs a file"),
+        ("evaluate.sets=[{name: T!, kind: easy_vqa}]", "evaluate.sets.0.name", "should match pattern"),
+        ("evaluate.sets=[{name: a, kind: easy_vqa}, {name: a, kind: fashion_mnist}]", "evaluate.sets", "repeated: ['a']"),
+        ("evaluate.sets=[{name: a, kind: imagenet, source: /x}]", "evaluate.sets.0.kind", "'dataset', 'coco'"),
     ],
 )
 def test_errors_name_the_key(override, key, words):
@@ -72,3 +78,10 @@ def test_override_values_with_a_colon_stay_text():
 
     assert parse_overrides(["recaption.prompt=Describe this photo: {caption}"]) == [(["recaption", "prompt"], "Describe this photo: {caption}")]
     assert parse_overrides(["embed.caption_versions=[original, provided]"]) == [(["embed", "caption_versions"], ["original", "provided"])]
+
+
+def test_evaluate_models_take_bare_references():
+    cfg = load_config(REPO / "configs/local.yaml", ["evaluate.models=[minilm, models:/enc/2, {ref: ./m, name: mine}]"])
+    refs = [(m.ref, m.name) for m in cfg.evaluate.models]
+    assert refs == [("minilm", None), ("models:/enc/2", None), (str(Path("./m").resolve()), "mine")]
+    assert [s.kind for s in cfg.evaluate.sets] == ["dataset"]  # the embedded default's test split

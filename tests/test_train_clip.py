@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.store import Store
 from pipeline.training import SampleSet
-from tests.conftest import MODELS_DIR, run_stage, start_job, wait_for_checkpoint, write_config
+from tests.conftest import MODELS_DIR, ingest_in_process, run_stage, start_job, wait_for_checkpoint, write_config
 
 TINY = {
     "num_workers": 2,
@@ -39,15 +39,6 @@ def _config(root: Path, cluster, name: str, **train_clip) -> Path:
                         embed={"actors": 1, "batch_size": 64, "cra_split": None}, train_clip={**TINY, **train_clip})
 
 
-def _ingest(config: Path, *overrides: str) -> None:
-    """Input preparation, in this process (the jobs themselves are tested elsewhere)."""
-    from pipeline.config import load_config
-    from pipeline.stages.ingest import run_ingest
-    from pipeline.stages.tracking import Tracker
-
-    run_ingest(load_config(config, list(overrides)), Tracker(None, None))
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, cluster, models, ray_session):
     """The embedded default (60 scenes + 10 photos) ingested and embedded by the tiny Llama."""
@@ -57,7 +48,7 @@ def store(tmp_path_factory, cluster, models, ray_session):
 
     root = tmp_path_factory.mktemp("train-clip")
     config = _config(root, cluster, "prep")
-    _ingest(config)
+    ingest_in_process(config)
     run_embed(load_config(config), Tracker(None, None))
     return root
 
@@ -69,7 +60,7 @@ def trained(store, cluster):
     # accum_steps 2: the contrastive batch of 8 spans two micro-batches of 2 on each of 2 workers;
     # bf16 and gradient checkpointing as on GPUs (DeepSpeed's CPU accelerator here)
     config = _config(store, cluster, "main", epochs=2, accum_steps=2, precision="bf16", gradient_checkpointing=True, min_coverage=0.5)
-    _ingest(config, "embedded.num_scenes=68")  # 8 more scenes, not embedded
+    ingest_in_process(config, "embedded.num_scenes=68")  # 8 more scenes, not embedded
     stores = {n: Store(str(store / "store"), n) for n in ("manifest", "captions", "embeddings")}
     manifest = stores["manifest"].read("embedded").to_pylist()
     embedded = {k[0] for k in stores["embeddings"].keys(stores["embeddings"].versions()[0])}
@@ -132,7 +123,7 @@ def test_an_unrelated_dataset_in_the_stores_keeps_the_run_name(trained, store, c
     from pipeline.stages.trainer import storage_path
 
     config, summary, _ = trained
-    _ingest(config, "ingest.dataset=unrelated", "embedded.num_scenes=12", "embedded.seed=1")
+    ingest_in_process(config, "ingest.dataset=unrelated", "embedded.num_scenes=12", "embedded.seed=1")
     cfg = load_config(config)
     assert "unrelated" in Store(cfg.store.uri, "manifest").versions()
     source, captions = text_source(cfg), CaptionPlan.of(cfg)

@@ -28,8 +28,9 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import ray
 
-from pipeline.caption_pairs import PROTOCOLS, caption_pairs, version_pairs
+from pipeline.caption_pairs import version_pairs
 from pipeline.config import FinetuneTextConfig, PipelineConfig
+from pipeline.cra_sets import builtin_pairs, dataset_pairs
 from pipeline.metrics import pairs_cra
 from pipeline.stages.corpus import corpus_versions
 from pipeline.stages.ingest import assign_split
@@ -189,20 +190,9 @@ def cra_sets(cfg: PipelineConfig, held_out: dict[str, list[tuple[str, str]]]) ->
     manifest_store, captions = Store(cfg.store.uri, "manifest"), Store(cfg.store.uri, "captions")
     if manifest_store.commits(dataset):
         rows = pa.concat_tables([captions.read(v) for v in captions.versions() if v in ("original", "provided")])
-        text = dict(zip(rows.column("caption_id").to_pylist(), rows.column("text").to_pylist()))
-        manifest = manifest_store.read(dataset)
-        for protocol in PROTOCOLS:
-            pairs = [(text[a], text[b]) for a, b in caption_pairs(manifest, rows, ft.eval_split, protocol)]
-            if len(pairs) >= 2:
-                sets[f"scenes.{protocol}"] = pairs
-    if "long-captions" in ft.builtin_eval:
-        from pipeline.long_captions import long_caption_pairs
-
-        sets["long-captions"] = [(p.first, p.second) for p in long_caption_pairs()]
-    if "everyday-pairs" in ft.builtin_eval:
-        from pipeline.everyday_pairs import everyday_pairs
-
-        sets["everyday-pairs"] = everyday_pairs()
+        sets |= {f"scenes.{protocol}": pairs for protocol, pairs in dataset_pairs(manifest_store.read(dataset), rows, ft.eval_split).items()}
+    for name in ft.builtin_eval:
+        sets[name] = builtin_pairs(name)
     return sets
 
 

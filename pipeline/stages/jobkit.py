@@ -25,8 +25,9 @@ StageFn = Callable[[PipelineConfig, tracking.Tracker], Any]
 StatusFn = Callable[[PipelineConfig], int]
 
 
-def parse_args(stage: str, argv: list[str] | None, status: StatusFn | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=f"llm2clip-pipeline: {stage} job")
+def parse_args(stage: str, argv: list[str] | None, status: StatusFn | None = None, epilog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=f"llm2clip-pipeline: {stage} job", epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file (e.g. configs/local.yaml)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -39,10 +40,10 @@ def parse_args(stage: str, argv: list[str] | None, status: StatusFn | None = Non
     return parser.parse_args(argv)
 
 
-def job_main(stage: str, run: StageFn, status: StatusFn | None = None) -> Callable[[list[str] | None], int]:
+def job_main(stage: str, run: StageFn, status: StatusFn | None = None, epilog: str | None = None) -> Callable[[list[str] | None], int]:
     def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        args = parse_args(stage, argv, status)
+        args = parse_args(stage, argv, status, epilog)
         try:
             cfg = load_config(args.config, args.overrides)
         except ConfigError as e:

@@ -78,6 +78,15 @@ class Tracker:
         if self.enabled:
             self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        """A table (column -> values) MLflow's UI shows and compares across runs."""
+        if self.enabled:
+            self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_figure(self.run_id, figure, artifact_file)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             path = Path(path)

@@ -1,0 +1,171 @@
+"""`jobs.evaluate` on the local cluster: every set kind through its adapter and the ingest path
+(plus the embedded default's test split), text encoders and LLM2CLIP models of both text
+towers side by side, problems reported and never fatal, the report files holding what the
+job printed, and everything logged to one MLflow run. The metrics themselves are checked
+exactly on hand-built matrices in test_metrics.py; here a retrieval figure is recomputed
+from the saved model to show the job reports what the model does."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.conftest import MODELS_DIR, ingest_in_process, run_job, write_config
+
+MODELS = {"dir": str(MODELS_DIR), "llm": str(MODELS_DIR / "tiny-llama")}
+
+
+def _image(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _models(root: Path) -> dict[str, Path]:
+    """A random LLM2CLIP on the tiny Llama encoder and one with a CLIP text tower, saved."""
+    from pipeline.clip_model import LLM2CLIP, LLM2CLIPConfig
+    from pipeline.text_encoder import TextEncoder
+
+    torch.manual_seed(0)
+    encoder = TextEncoder.from_pretrained(MODELS_DIR / "tiny-llama")
+    llm = LLM2CLIP.build(LLM2CLIPConfig(embed_dim=16, text_dim=encoder.dim, encoder_version=encoder.encoder_version,
+                                        text_encoder=str(MODELS_DIR / "tiny-llama")), MODELS_DIR / "tiny-clip-vision")
+    clip = LLM2CLIP.build(LLM2CLIPConfig(embed_dim=16, text_tower="clip", text_max_length=16), MODELS_DIR / "tiny-clip-vision",
+                          MODELS_DIR / "tiny-clip-text")
+    return {"llm": llm.save_pretrained(root / "clip-llm"), "clip": clip.save_pretrained(root / "clip-text")}
+
+
+def _sets(root: Path) -> list[dict]:
+    """Small files of every format, with a missing and a corrupt image in the COCO file."""
+    images = root / "images"
+    images.mkdir()
+    photos = [_image(images / f"img{i}.png", i) for i in range(6)]
+    (images / "corrupt.jpg").write_bytes(b"this is not a jpeg")
+    coco = {"images": [{"id": i, "file_name": p.name} for i, p in enumerate(photos)]
+            + [{"id": 90, "file_name": "gone.jpg"}, {"id": 91, "file_name": "corrupt.jpg"}],
+            "annotations": [{"image_id": i, "caption": f"photo number {i}, view {v}"} for i in range(6) for v in (1, 2)]
+            + [{"image_id": 90, "caption": "lost"}, {"image_id": 91, "caption": "broken"}]}
+    (root / "captions.json").write_text(json.dumps(coco))
+    (root / "long.jsonl").write_text("".join(
+        json.dumps({"image": f"images/img{i}.png", "caption": f"A long description of picture {i}. " * 6}) + "\n" for i in range(4)))
+    for cls, seeds in (("red_things", (10, 11, 12)), ("blue_things", (20, 21))):
+        (root / "tree" / cls).mkdir(parents=True)
+        for s in seeds:
+            _image(root / "tree" / cls / f"{s}.png", s)
+    (root / "names.txt").write_text("blue thing\nred thing\n")  # sorted folder order: blue_things, red_things
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"first": f"a cat number {i}", "second": f"cat {i} again"}) + "\n"
+                                              for i in range(3)))
+    return [
+        {"name": "heldout", "kind": "dataset"},
+        {"name": "coco", "kind": "coco", "source": str(root / "captions.json"), "options": {"image_root": str(images)}},
+        {"name": "long", "kind": "long", "source": str(root / "long.jsonl"), "options": {"caption_column": "caption"}},
+        {"name": "tree", "kind": "folder", "source": str(root / "tree"), "options": {"class_names": str(root / "names.txt")}},
+        {"name": "fashion", "kind": "fashion_mnist", "limit": 30},
+        {"name": "vqa", "kind": "easy_vqa", "limit": 20},
+        {"name": "nothing", "kind": "pairs", "source": str(root / "no-such-file.jsonl")},
+    ]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, cluster, models, ray_session):
+    root = tmp_path_factory.mktemp("evaluate")
+    made = _models(root)
+    evaluate = {
+        "models": [
+            {"ref": str(MODELS_DIR / "tiny-llama"), "name": "tiny-llama"},
+            {"ref": str(made["llm"]), "name": "clip-llm"},
+            {"ref": str(made["clip"]), "name": "clip-text"},
+            # trained on the tiny Llama's embeddings, given the Qwen2 encoder: must fail alone, by encoder_version
+            {"ref": str(made["llm"]), "name": "wrong-encoder", "text_encoder": str(MODELS_DIR / "tiny-qwen2")},
+        ],
+        "sets": _sets(root),
+        "cra_sets": ["everyday-pairs", str(root / "pairs.jsonl")],
+        "output_dir": str(root / "reports"),
+    }
+    config = write_config(root / "eval.yaml", root / "store", cluster, models=MODELS, evaluate=evaluate,
+                          embedded={"num_scenes": 30, "image_size": 64})
+    ingest_in_process(config)
+    summary_path = root / "summary.json"
+    out = run_job("jobs.evaluate", config, cluster, "--summary-json", str(summary_path), timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    summary = json.loads(summary_path.read_text())
+    return root, made, out.stdout, summary, json.loads((Path(summary["results json"])).read_text())
+
+
+def test_every_model_and_set_is_in_the_report(evaluated):
+    _, _, _, summary, results = evaluated
+    assert summary["models"] == ["tiny-llama", "clip-llm", "clip-text", "all-MiniLM-L6-v2"]
+    rows = {r["model"]: r for r in results["rows"]}
+    # text encoders: CRA only; LLM2CLIP models: CRA in the joint space, retrieval, zero-shot
+    for model in rows:
+        assert rows[model]["everyday-pairs/cra"] is not None and rows[model]["pairs/cra"] is not None
+        assert rows[model]["heldout.short-dense/cra"] is not None
+    for model in ("clip-llm", "clip-text"):
+        for column in ("coco/i2t_r@1", "coco/t2i_r@10", "long/i2t_r@5", "heldout.short/i2t_r@1", "heldout.long/t2i_r@1",
+                       "vqa/i2t_r@1", "tree/top1", "fashion/top1", "fashion/top5"):
+            assert 0 <= rows[model][column] <= 1, (model, column)
+    assert rows["tiny-llama"]["coco/i2t_r@1"] is None and "tree/top5" not in rows["clip-llm"]  # 2 classes: no top-5
+    assert rows["all-MiniLM-L6-v2"]["everyday-pairs/cra"] > 0.8  # a real sentence encoder on hand-written pairs
+    # chance and protocol beside every figure
+    assert results["chance"]["tree/top1"] == 0.5 and results["chance"]["fashion/top5"] == 0.5
+    assert results["chance"]["coco/i2t_r@1"] == pytest.approx(2 / 12)  # 2 of 12 captions are an image's
+    assert results["chance"]["coco/t2i_r@1"] == pytest.approx(1 / 6)
+    assert "6 images, 12 distinct captions" in results["protocols"]["coco"]
+    assert "CLIP_benchmark" in results["protocols"]["coco"] and "matched by index" in results["protocols"]["long"]
+    assert "12 templates" in results["protocols"]["fashion"] and "2 classes" in results["protocols"]["tree"]
+    assert "each of the 6 captions queries the other 5" in results["protocols"]["pairs"]
+
+
+def test_bad_paths_and_a_bad_model_are_reported_not_fatal(evaluated):
+    _, _, _, _, results = evaluated
+    problems = {(p["set"], Path(p["item"].split(": ")[-1]).name, p["reason"]): p for p in results["problems"]}
+    assert ("coco", "gone.jpg", "missing_file") in problems
+    assert ("coco", "corrupt.jpg", "not_an_image") in problems
+    assert ("nothing", "no-such-file.jsonl", "unreadable_set") in problems
+    failed = [p for p in results["problems"] if p["reason"] == "model_failed"]
+    assert len(failed) == 1 and failed[0]["item"].startswith("wrong-encoder") and "encoder_version" in failed[0]["detail"]
+
+
+def test_reported_retrieval_is_what_the_saved_model_does(evaluated):
+    root, made, _, _, results = evaluated
+    from pipeline.clip_model import LLM2CLIP
+    from pipeline.metrics import owner_positives, retrieval_scores
+
+    model = LLM2CLIP.from_pretrained(made["clip"])
+    paths = [root / "images" / f"img{i}.png" for i in range(6)]
+    texts = [f"photo number {i}, view {v}" for i in range(6) for v in (1, 2)]
+    sims = (model.encode_image(paths) @ model.embed_texts(texts).T).numpy()
+    expected = retrieval_scores(sims, owner_positives([i for i in range(6) for _ in (1, 2)], 6))
+    row = next(r for r in results["rows"] if r["model"] == "clip-text")
+    assert {k: row[f"coco/{k}"] for k in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_report_files_hold_the_printed_numbers_and_plots(evaluated):
+    _, _, stdout, summary, _ = evaluated
+    md = Path(summary["report"]).read_text()
+    printed = [line for line in stdout.splitlines() if re.match(r"^\| \S.* \| [0-9.]+ \|", line)]
+    assert len(printed) > 20 and all(line in md for line in printed)
+    plots = {p.name for p in (Path(summary["report"]).parent / "plots").iterdir()}
+    assert {"cra_before_after.png", "recall_at_k.coco.png", "confusion.clip-llm.fashion.png",
+            "similarity.clip-text.heldout.short.png"} <= plots
+
+
+def test_everything_is_logged_to_one_mlflow_run(evaluated, cluster):
+    _, _, stdout, summary, results = evaluated
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    run_id = summary["mlflow run"].rsplit("/", 1)[-1]
+    run = client.get_run(run_id)
+    row = next(r for r in results["rows"] if r["model"] == "clip-llm")
+    assert run.data.metrics["clip-llm/coco/i2t_r1"] == pytest.approx(row["coco/i2t_r@1"])
+    artifacts = {a.path for a in client.list_artifacts(run_id, "evaluate")}
+    assert {"evaluate/results_table.json", "evaluate/results.md", "evaluate/results.json", "evaluate/plots"} <= artifacts
+    table = json.loads(Path(client.download_artifacts(run_id, "evaluate/results_table.json")).read_text())
+    assert table["columns"][0] == "model" and len(table["data"]) == 4
+    assert len(client.list_artifacts(run_id, "evaluate/plots")) >= 4
