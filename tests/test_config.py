@@ -84,4 +84,6 @@ def test_evaluate_models_take_bare_references():
     cfg = load_config(REPO / "configs/local.yaml", ["evaluate.models=[minilm, models:/enc/2, {ref: ./m, name: mine}]"])
     refs = [(m.ref, m.name) for m in cfg.evaluate.models]
     assert refs == [("minilm", None), ("models:/enc/2", None), (str(Path("./m").resolve()), "mine")]
-    assert [s.kind for s in cfg.evaluate.sets] == ["dataset"]  # the embedded default's test split
+    from pipeline.config import EvaluateConfig
+
+    assert [(s.kind, s.split) for s in EvaluateConfig().sets] == [("dataset", "test")]  # default: the dataset's test split

@@ -60,12 +60,19 @@ def test_corpus_rerun_writes_nothing(corpus, cluster):
     assert all(step["captioned"] == 0 for step in again["steps"].values())
 
 
-def test_finetune_takes_corpus_pairs(corpus, cluster):
+def test_finetune_takes_corpus_pairs(corpus):
+    """The pairs finetune-text trains on (the job itself is tested in test_finetune_text)."""
     root, config, _ = corpus
     cfg = load_config(config)
     names = [spec.name for spec in pair_versions(cfg)]
     assert names == ["everyday.short-vs-dense", "everyday.short-vs-paraphrase"]
     train, held_out = training_pairs(cfg)
     assert train.num_rows > 0 and set(held_out) == set(names)
-    summary = run_stage("jobs.finetune_text", config, cluster)
-    assert summary["steps"] == 2 and summary["encoder_version"]
+    captions = Store(str(root / "store"), "captions")
+    texts = {role: set(captions.read(v).column("text").to_pylist()) for role, v in corpus_versions(cfg, "everyday").items()}
+    longer = texts["dense"] | texts["paraphrase"]
+    pairs = list(zip(train.column("first").to_pylist(), train.column("second").to_pylist()))
+    assert all((a in texts["short"] and b in longer) or (b in texts["short"] and a in longer) for a, b in pairs)
+    assert {a in texts["short"] for a, _ in pairs} == {True, False}  # each pair in a random direction
+    held = {t for v in held_out.values() for pair in v for t in pair}
+    assert not held & {t for pair in pairs for t in pair}  # held-out items never train

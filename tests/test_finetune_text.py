@@ -108,7 +108,7 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(tmp_path, store, clus
 
     root = tmp_path
     (root / "store").symlink_to(store / "store")
-    config = _config(root, cluster, "kill", max_steps=40, epochs=10, checkpoint_every=4, register_as=None, max_failures=2, seed=11)
+    config = _config(root, cluster, "kill", max_steps=16, epochs=10, checkpoint_every=4, register_as=None, max_failures=2, seed=11)
     proc = _start(config, cluster)
     reached = _wait_for_checkpoint(root, proc, 4)
     workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) if a.pid]
@@ -118,7 +118,7 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(tmp_path, store, clus
     (root / "job.log").write_text(out)
     assert proc.returncode == 0, out[-5000:]
     summary = json.loads(Path(str(config) + ".json").read_text())
-    assert summary["steps"] == 40
+    assert summary["steps"] == 16
     assert summary["resumed from step"] is not None and summary["resumed from step"] >= reached, out[-3000:]
 
 
@@ -127,19 +127,19 @@ def test_a_stopped_job_resumes_and_continues_the_step_count(tmp_path, store, clu
     (root / "store").symlink_to(store / "store")
     # repeats make one epoch longer than the run, so the stop falls inside it
     pairs = [{"first": "original", "second": "provided", "repeat": 10}, {"first": "original", "second": "original", "repeat": 10}]
-    config = _config(root, cluster, "stop", max_steps=40, epochs=10, checkpoint_every=4, register_as=None, seed=12, pairs=pairs)
+    config = _config(root, cluster, "stop", max_steps=24, epochs=10, checkpoint_every=4, register_as=None, seed=12, pairs=pairs)
     proc = _start(config, cluster)
     reached = _wait_for_checkpoint(root, proc, 8)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its workers go with it
     proc.wait(timeout=60)
     time.sleep(3)
     summary = run_stage("jobs.finetune_text", config, cluster)
-    assert summary["steps"] == 40
+    assert summary["steps"] == 24
     assert summary["resumed from step"] is not None and summary["resumed from step"] >= reached
     # the data position: the epoch that spans the stop trained each of its pairs once
     state = max((json.loads(p.read_text()) for p in (root / "run" / "ray_results").glob("finetune-text-*/checkpoint_*/train_state.json")),
                 key=lambda s: s["step"])
-    assert state["step"] == 40 and state["epoch"] == 0 and summary["training pairs"] > 8 * 40
+    assert state["step"] == 24 and state["epoch"] == 0 and summary["training pairs"] > 8 * 24
     assert len(SampleSet.from_json(state["trained"])) == 8 * (state["step"] - state["epoch_start_step"])
 
 
