@@ -404,8 +404,9 @@ class EvalEncoder:
             texts = batch.column("text").to_pylist()
             out[rows["text"]] = self._texts([texts[i] for i in rows["text"]])
         if rows["llm"]:
-            cached = batch.column("llm").take(pa.array(rows["llm"])).to_pylist()
-            out[rows["llm"]] = self.model.encode_text(np.asarray(cached, dtype=np.float32)).numpy()
+            cached = batch.column("llm").take(pa.array(rows["llm"])).combine_chunks()
+            vectors = np.asarray(cached.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(rows["llm"]), -1)
+            out[rows["llm"]] = self.model.encode_text(vectors).numpy()
         if rows["image"]:
             uris, shas = batch.column("uri").to_pylist(), batch.column("sha256").to_pylist()
             emb, why = self._images([uris[i] for i in rows["image"]], [shas[i] for i in rows["image"]])
@@ -439,12 +440,16 @@ def embed(cfg: PipelineConfig, spec: ModelSpec, texts: list[str], images: list[t
     kinds = ["text"] * len(texts) + ["llm"] * n_llm + ["image"] * len(images)
     if not kinds:
         return Embedded(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), [], "")
-    llm_type = pa.list_(pa.float32())
+    # cached LLM embeddings as one flat float32 buffer (rows of other kinds are empty lists)
+    dim = llm.shape[1] if n_llm else 0
+    lengths = np.array([0] * len(texts) + [dim] * n_llm + [0] * len(images), dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    values = pa.array(np.asarray(llm, dtype=np.float32).reshape(-1) if n_llm else np.zeros(0, np.float32))
     table = pa.table({
         "id": pa.array(range(len(kinds)), pa.int64()),
         "kind": kinds,
         "text": pa.array(list(texts) + [None] * (n_llm + len(images)), pa.string()),
-        "llm": pa.array([None] * len(texts) + ([list(map(float, v)) for v in llm] if n_llm else []) + [None] * len(images), llm_type),
+        "llm": pa.ListArray.from_arrays(offsets, values),
         "uri": pa.array([None] * (len(texts) + n_llm) + [u for u, _ in images], pa.string()),
         "sha256": pa.array([None] * (len(texts) + n_llm) + [h for _, h in images], pa.string()),
     })
