@@ -11,12 +11,9 @@ Built-in sets (generated, deterministic, no download):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from pipeline.caption_pairs import PROTOCOLS, caption_pairs
 
@@ -48,25 +45,16 @@ def builtin_pairs(name: str) -> Pairs:
 
 
 def file_pairs(path: str | Path) -> Pairs:
-    """Pairs from a .jsonl/.json (one object per line), .csv or .parquet with columns `first` and `second`."""
+    """Pairs from a .jsonl/.json, .csv or .parquet file with columns `first` and `second`."""
+    from pipeline.eval_sets import read_records
+
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"CRA set {path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        table = pa.Table.from_pylist(rows) if rows else pa.table({})
-    elif suffix == ".csv":
-        table = pacsv.read_csv(path)
-    elif suffix == ".parquet":
-        table = pq.read_table(path)
-    else:
-        raise ValueError(f"CRA set {path}: unknown file type {suffix!r}; use .jsonl, .csv or .parquet")
-    missing = [c for c in ("first", "second") if c not in table.column_names]
+    records = read_records(path)
+    missing = [c for c in ("first", "second") if not any(c in r for r in records)]
     if missing:
         raise ValueError(f"CRA set {path}: missing column(s) {missing} (need `first` and `second`)")
-    pairs = [(str(a), str(b)) for a, b in zip(table.column("first").to_pylist(), table.column("second").to_pylist())
-             if isinstance(a, str) and isinstance(b, str) and a.strip() and b.strip()]
+    pairs = [(r["first"], r["second"]) for r in records
+             if isinstance(r.get("first"), str) and isinstance(r.get("second"), str) and r["first"].strip() and r["second"].strip()]
     if len(pairs) < 2:
         raise ValueError(f"CRA set {path}: needs at least 2 non-empty pairs, has {len(pairs)}")
     return pairs

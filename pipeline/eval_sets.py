@@ -177,7 +177,7 @@ def karpathy_listing(source: str | Path, out_path: str | Path, *, image_root: st
     return _write(out_path, "karpathy", rows, problems)
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
     """Rows of a JSONL (or JSON array) / Parquet / CSV file as dicts."""
     suffix = path.suffix.lower()
     if not path.is_file():
@@ -203,7 +203,7 @@ def _read_records(path: Path) -> list[dict]:
 def _records_listing(kind: str, source: str | Path, out_path: str | Path, image_column: str,
                      caption_column: str, image_root: str | Path | None, split: str, dense: bool) -> EvalSetListing:
     path = Path(source)
-    records = _read_records(path)
+    records = read_records(path)
     for column in (image_column, caption_column):
         if records and not any(column in r for r in records):
             raise ValueError(f"{path}: no {column!r} column (set the {kind} option for it)")
