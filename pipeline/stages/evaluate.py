@@ -371,26 +371,14 @@ class EvalEncoder:
         return self.model.embed_texts(texts).numpy()  # clip tower
 
     def _images(self, uris: list[str], shas: list[str]) -> tuple[np.ndarray | None, list[str]]:
-        import io
-
-        from PIL import Image
-
-        from pipeline.images import read_ingested_bytes
+        from pipeline.clip_data import load_image
 
         images, reasons = [], []
         for uri, sha in zip(uris, shas):
-            data, reason, detail = read_ingested_bytes(uri, sha, self.max_bytes)
-            if data is None:
-                reasons.append(f"{reason}: {detail}")
-                continue
-            try:
-                img = Image.open(io.BytesIO(data))
-                img.load()
-            except Exception as e:  # noqa: BLE001 - any decode failure is a reported reason
-                reasons.append(f"undecodable: {e}")
-                continue
-            images.append(img)
-            reasons.append("")
+            image, reason, detail = load_image(uri, sha, self.max_bytes)
+            reasons.append(f"{reason}: {detail}" if image is None else "")
+            if image is not None:
+                images.append(image)
         emb = self.model.encode_image(images).numpy() if images else None
         return emb, reasons
 
