@@ -52,6 +52,7 @@ class LLM2CLIPConfig:
     text_dim: int | None = None  # dim of the cached LLM embeddings (llm tower)
     adapter_blocks: int = 4
     adapter_expansion: int = 2
+    adapter_dropout: float = 0.0
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set for a sigmoid loss, e.g. -10
     image_size: int | None = None  # None: from the vision directory's image processor
@@ -116,28 +117,33 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------- text side
 class AdapterBlock(nn.Module):
-    """Pre-norm residual MLP block: x + fc2(GELU(fc1(LayerNorm(x))))."""
+    """Pre-norm residual MLP block: x + fc2(dropout(GELU(fc1(LayerNorm(x)))))."""
 
-    def __init__(self, dim: int, expansion: int):
+    def __init__(self, dim: int, expansion: int, dropout: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, expansion * dim)
+        self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(expansion * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return x + self.fc2(self.dropout(F.gelu(self.fc1(self.norm(x)))))
 
 
 class TextAdapter(nn.Module):
     """The authors' adapter on frozen LLM embeddings: L2-normalise, `blocks` residual MLP
     blocks, LayerNorm, Linear to the joint space."""
 
-    def __init__(self, dim: int, blocks: int = 4, expansion: int = 2, embed_dim: int = 1280):
+    def __init__(self, dim: int, blocks: int = 4, expansion: int = 2, embed_dim: int = 1280, dropout: float = 0.0):
         super().__init__()
         self.dim = dim
-        self.blocks = nn.ModuleList([AdapterBlock(dim, expansion) for _ in range(blocks)])
+        self.blocks = nn.ModuleList([AdapterBlock(dim, expansion, dropout) for _ in range(blocks)])
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, embed_dim)
+
+    @classmethod
+    def of(cls, config: LLM2CLIPConfig) -> TextAdapter:
+        return cls(config.text_dim, config.adapter_blocks, config.adapter_expansion, config.embed_dim, config.adapter_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(x, dim=-1)  # the LLM's embedding norm carries no meaning here
@@ -280,19 +286,42 @@ class VisionTower(nn.Module):
         else:
             self.backbone.gradient_checkpointing_disable()
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features (what the projection maps; a cheap sweep caches them)."""
         out = self.backbone(pixel_values=pixel_values)
         pooled = out.pooler_output
         if pooled is None:  # backbones without a pooling head (e.g. SigLIP with vision_use_head=False)
             pooled = out.last_hidden_state.mean(dim=1)
-        return self.proj(pooled)
+        return pooled
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pooled(pixel_values))
+
+
+class CachedVision(nn.Module):
+    """The vision side of a cheap sweep trial: `VisionTower`'s projection (same name, same
+    init) applied to the frozen tower's pooled features, cached once for all trials. It is
+    one layer group, the top one, so `LLM2CLIP.param_groups` gives it the full lr."""
+
+    num_layers = 0
+
+    def __init__(self, feature_dim: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(feature_dim, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=feature_dim**-0.5)
+
+    def layer_id(self, param_name: str) -> int:
+        return 1
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features)
 
 
 # ---------------------------------------------------------------------------- the model
 class LLM2CLIP(nn.Module):
     """Vision tower + text side (`TextAdapter` or `ClipTextTower`) + logit scale (and bias)."""
 
-    def __init__(self, config: LLM2CLIPConfig, vision: VisionTower, text: TextAdapter | ClipTextTower):
+    def __init__(self, config: LLM2CLIPConfig, vision: VisionTower | CachedVision, text: TextAdapter | ClipTextTower):
         super().__init__()
         config.validate()
         if None in (config.image_size, config.image_mean, config.image_std):
@@ -336,8 +365,16 @@ class LLM2CLIP(nn.Module):
                 raise ValueError("text_tower 'clip' needs clip_text_path (a CLIPTextModel directory)")
             text = ClipTextTower.from_pretrained(_local_dir(clip_text_path), config.embed_dim, config.text_max_length)
         else:
-            text = TextAdapter(config.text_dim, config.adapter_blocks, config.adapter_expansion, config.embed_dim)
+            text = TextAdapter.of(config)
         return cls(config, vision, text)
+
+    @classmethod
+    def on_features(cls, config: LLM2CLIPConfig, feature_dim: int) -> LLM2CLIP:
+        """What a cheap sweep trial trains: `CachedVision` (the projection of a frozen tower's
+        cached features) instead of the tower, a fresh adapter and logit scale. `config` must
+        carry the tower's image size, mean and std (what the features were computed with)."""
+        text = TextAdapter.of(config)
+        return cls(config, CachedVision(feature_dim, config.embed_dim), text)
 
     @property
     def device(self) -> torch.device:
@@ -511,7 +548,7 @@ class LLM2CLIP(nn.Module):
             text_model = CLIPTextModel(CLIPTextConfig.from_pretrained(directory / "text"))
             text = ClipTextTower(text_model, AutoTokenizer.from_pretrained(directory / "text"), config.embed_dim, config.text_max_length)
         else:
-            text = TextAdapter(config.text_dim, config.adapter_blocks, config.adapter_expansion, config.embed_dim)
+            text = TextAdapter.of(config)
         model = cls(config, vision, text)
         model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
         model.to(device=device, dtype=dtype)

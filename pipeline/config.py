@@ -9,6 +9,7 @@ drives the whole pipeline and the MLflow run can record it verbatim.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -422,6 +423,7 @@ class TrainClipConfig(TrainingStageConfig):
     embed_dim: int = Field(1280, ge=1, description="shared image-text embedding width")
     adapter_blocks: int = Field(4, ge=0, description="pre-norm residual MLP blocks of the text adapter")
     adapter_expansion: int = Field(2, ge=1, description="hidden width of an adapter block, as a multiple of the LLM's")
+    adapter_dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside each adapter block (after the GELU)")
     init_temperature: float = Field(0.07, gt=0, description="initial 1 / logit scale (clamped to [0, ln 100] as a log)")
     loss: Literal["clip", "siglip"] = Field("clip", description="clip: symmetric InfoNCE; siglip: sigmoid loss with a bias")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="fp16 runs with dynamic loss scaling")
@@ -555,6 +557,97 @@ class EvaluateConfig(Section):
         return v
 
 
+class SearchDomain(Section):
+    """One hyperparameter's search range in `sweep.space`; exactly one key, e.g.
+    `{loguniform: [1.0e-4, 1.0e-2]}` or `{choice: [1, 2, 4]}`."""
+
+    choice: list[Any] | None = Field(None, min_length=1, description="one of these values, drawn uniformly")
+    grid: list[Any] | None = Field(None, min_length=1, description="every one of these values (crossed with the other grid keys)")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], drawn uniformly")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], drawn uniformly in log space (low > 0)")
+    randint: tuple[int, int] | None = Field(None, description="[low, high], an integer, both ends included")
+
+    @model_validator(mode="after")
+    def _one_range(self) -> SearchDomain:
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {list(type(self).model_fields)}, got {given or 'none'}")
+        low_high = self.uniform or self.loguniform or self.randint
+        if low_high is not None and not low_high[0] < low_high[1]:
+            raise ValueError(f"{given[0]}: need low < high, got {list(low_high)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: low must be > 0, got {self.loguniform[0]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+    def probe_values(self) -> list[Any]:
+        """Values every trial's config must accept: each choice, or both ends of a range."""
+        value = getattr(self, self.kind)
+        return list(value) if self.kind in ("choice", "grid") else [value[0], value[1]]
+
+
+#: train_clip keys a cheap sweep cannot tune: they only act on the vision tower's input or
+#: weights, which a cheap trial replaces by cached features of the frozen tower.
+VISION_ONLY_KEYS = ("vision_model", "vision_unlocked_groups", "layer_decay", "crop_scale", "image_size", "text_tower")
+#: train_clip keys that are the sweep's own budget, set from the sweep section.
+BUDGET_KEYS = ("epochs", "max_steps")
+
+
+class SweepConfig(Section):
+    """`jobs.sweep`: Ray Tune over train-clip's recipe (consumed by pipeline.stages.sweep)."""
+
+    mode: Literal["cheap", "full"] = Field(
+        "cheap", description="cheap: the frozen vision tower's image features are computed once into the feature store and "
+        "trials train the text adapter, the vision projection and the logit scale on them (seconds a trial); full: every "
+        "trial is a small train-clip run")
+    space: dict[str, SearchDomain] = Field(
+        default_factory=dict, description="dotted train_clip keys -> range, e.g. train_clip.text_lr: {loguniform: [1e-4, 1e-2]}; "
+        "train_clip.caption_weights.provided tunes one caption version's weight")
+    trials: int = Field(16, ge=1, description="trials to sample (grid keys multiply them)")
+    max_epochs: float = Field(20, gt=0, description="epochs of a trial that is never stopped early (its train_clip.epochs)")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha: stop trials that trail at each rung; fifo: run all")
+    grace_epochs: int = Field(2, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: int = Field(3, ge=2, description="ASHA: keep the top 1/reduction_factor at each rung")
+    search: Literal["auto", "optuna", "random"] = Field(
+        "auto", description="auto: Optuna (TPE) when it is installed, else random sampling (Tune's basic variant generator)")
+    metric: str = Field("mean_R1", description="validation metric maximised: mean_R1 (mean of image->text and text->image "
+                        "recall@1 over the validation sets) or one of them, e.g. dense.t2i_R1")
+    workers_per_trial: int | None = Field(None, ge=1, description="Ray Train workers per trial; default 1 (cheap), "
+                                          "train_clip.num_workers (full)")
+    cpus_per_trial_worker: float = Field(1.0, gt=0, description="CPUs reserved per trial worker (cheap mode, CPU)")
+    concurrency: int | None = Field(None, ge=1, description="trials at once; default what the cluster's CPUs (GPUs) hold")
+    seed: int = Field(0, description="seed of the search (which configs are drawn); trials train with train_clip.seed")
+    name: str | None = Field(None, description="resume key; default a hash of the sweep, the base recipe and the inputs")
+    vision_model: ModelRef | None = Field(
+        None, description="cheap mode: the frozen tower whose features trials train on: a vision backbone, or a trained "
+        "LLM2CLIP model (path or MLflow URI of a train-clip output: its tower); default train_clip.vision_model")
+    feature_actors: int = Field(1, ge=1, description="cheap mode: actors computing the frozen tower's image features")
+    feature_batch_size: int = Field(64, ge=1, description="cheap mode: images per feature batch")
+
+    @field_validator("space")
+    @classmethod
+    def _train_clip_keys(cls, v: dict[str, SearchDomain]) -> dict[str, SearchDomain]:
+        not_recipe = set(TrainerSettings.model_fields) | {n for n, f in TrainClipConfig.model_fields.items()
+                                                          if (f.json_schema_extra or {}).get("recipe") is False}
+        for key in v:
+            section, _, rest = key.partition(".")
+            field = rest.split(".")[0]
+            if section != "train_clip" or not field:
+                raise ValueError(f"{key}: the sweep tunes train_clip keys (e.g. train_clip.lr)")
+            if field not in TrainClipConfig.model_fields:
+                raise ValueError(f"{key}: unknown key train_clip.{field} (see TrainClipConfig in pipeline/config.py)")
+            if field in not_recipe:
+                raise ValueError(f"{key}: not a hyperparameter (resources, checkpoints or evaluation; it does not change what is learned)")
+            if field in BUDGET_KEYS:
+                raise ValueError(f"{key}: a trial's length is the sweep's budget (sweep.max_epochs, sweep.scheduler)")
+            if "." in rest and field != "caption_weights":
+                raise ValueError(f"{key}: train_clip.{field} has no sub-keys")
+        return v
+
+
 # ---------------------------------------------------------------- the whole run
 class PipelineConfig(Section):
     run_dir: PathOrUri = Field(description="project-local folder for runs, logs and prepared models")
@@ -571,6 +664,26 @@ class PipelineConfig(Section):
     finetune_text: FinetuneTextConfig = Field(default_factory=FinetuneTextConfig)
     train_clip: TrainClipConfig = Field(default_factory=TrainClipConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @model_validator(mode="after")
+    def _sweep_values(self) -> PipelineConfig:
+        """Every value a sweep can draw makes a valid config: a trial never fails on its config."""
+        if self.sweep.mode == "cheap":
+            vision = [k for k in self.sweep.space if k.split(".")[1] in VISION_ONLY_KEYS]
+            if vision:
+                raise ValueError(f"sweep.space: {vision} only act on the vision tower, which a cheap sweep freezes "
+                                 "(its features are cached); use sweep.mode: full to tune them")
+        base = self.model_dump(mode="json", exclude={"sweep"})
+        for key, domain in self.sweep.space.items():
+            for value in domain.probe_values():
+                try:
+                    PipelineConfig.model_validate(apply_overrides(copy.deepcopy(base), [(key, value)]))
+                except ValidationError as e:
+                    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+                    raise ValueError(f"sweep.space.{key}: the value {value!r} ({domain.kind} {getattr(domain, domain.kind)}) "
+                                     f"makes an invalid config: {problems}") from None
+        return self
 
 
 # ---------------------------------------------------------------- loading
@@ -622,8 +735,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     return parsed
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for path, value in parse_overrides(overrides):
+def apply_overrides(data: dict[str, Any], overrides: list[str] | list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set dotted keys in a config dict: `--set` strings ('a.b=1'), or (dotted key, value) pairs."""
+    pairs = [(k.split("."), v) for k, v in overrides] if overrides and isinstance(overrides[0], tuple) else parse_overrides(overrides)
+    for path, value in pairs:
         node = data
         for i, part in enumerate(path[:-1]):
             child = node.get(part)

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from schemas import STORE_KEYS, STORE_SCHEMAS, embeddings_schema
+from schemas import STORE_KEYS, STORE_SCHEMAS, VECTOR_STORES
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -195,12 +195,12 @@ class Store:
         ]
 
     def schema_for(self, version: str, commits: list[Commit] | None = None) -> pa.Schema:
-        """The expected schema; for embeddings the list size comes from the stored `dim`."""
-        if self.name != "embeddings":
+        """The expected schema; for vector stores (embeddings, features) the list size comes from the stored `dim`."""
+        if self.name not in VECTOR_STORES:
             return STORE_SCHEMAS[self.name]
         for c in self.commits(version) if commits is None else commits:
             if "dim" in c.lineage:
-                return embeddings_schema(int(c.lineage["dim"]))
+                return VECTOR_STORES[self.name][1](int(c.lineage["dim"]))
         return STORE_SCHEMAS[self.name]
 
     def _check_file_schema(self, path: str, expected: pa.Schema) -> None:
@@ -232,11 +232,11 @@ class Store:
 
     def prepare(self, table: pa.Table) -> pa.Table:
         """Cast a table to the store's schema, with an error naming the bad column."""
-        if self.name == "embeddings":
+        if self.name in VECTOR_STORES:
             dims = pc.unique(table.column("dim")).to_pylist() if "dim" in table.column_names else []
             if len(dims) > 1:
-                raise SchemaMismatchError(f"store 'embeddings': one version holds one dim, got {dims}")
-            schema = embeddings_schema(int(dims[0])) if dims else STORE_SCHEMAS["embeddings"]
+                raise SchemaMismatchError(f"store {self.name!r}: one version holds one dim, got {dims}")
+            schema = VECTOR_STORES[self.name][1](int(dims[0])) if dims else STORE_SCHEMAS[self.name]
         else:
             schema = STORE_SCHEMAS[self.name]
         missing = [f.name for f in schema if f.name not in table.column_names]
@@ -329,8 +329,9 @@ class Transaction:
                 num_rows += meta.num_rows
                 if expected is None:
                     actual = meta.schema.to_arrow_schema()
-                    if store.name == "embeddings" and pa.types.is_fixed_size_list(actual.field("embedding").type):
-                        self.lineage.setdefault("dim", actual.field("embedding").type.list_size)
+                    vector = VECTOR_STORES.get(store.name, (None,))[0]
+                    if vector and pa.types.is_fixed_size_list(actual.field(vector).type):
+                        self.lineage.setdefault("dim", actual.field(vector).type.list_size)
                     expected = store.schema_for(self.version, [_fake_commit(self.lineage)])
                 problems = schema_problems(meta.schema.to_arrow_schema(), expected)
                 if problems:

@@ -128,7 +128,7 @@ class TrainState:
     trained: SampleSet = field(default=None)  # sample ids the current epoch has trained
     world_size: int = 1  # what wrote the checkpoint: DeepSpeed's ZeRO state only loads back into the same layout
     zero_stage: int = 0
-    reason: str = ""  # why the checkpoint was written: periodic or final
+    reason: str = ""  # why the checkpoint was written: periodic, epoch (sweep trials) or final
     last_loss: float | None = None
     evaluation: dict[str, float] = field(default_factory=dict)  # held-out metrics of the last evaluation
 

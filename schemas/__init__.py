@@ -59,6 +59,26 @@ def embeddings_schema(dim: int | None = None) -> pa.Schema:
 
 EMBEDDINGS = embeddings_schema()
 
+
+def features_schema(dim: int | None = None) -> pa.Schema:
+    """The feature store's schema: a frozen vision tower's pooled image features (cheap sweeps)."""
+    list_type = pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
+    return pa.schema(
+        [
+            _field("image_id", pa.string(), "joins the image manifest"),
+            _field("sha256", pa.string(), "sha256 of the image bytes the feature was computed from"),
+            _field("feature_version", pa.string(), "identifies the tower's weights + the image transform"),
+            _field("dim", pa.int32(), "feature dimension"),
+            _field("feature", list_type, "float32 pooled feature of the centre-cropped image, fixed-size list"),
+        ]
+    )
+
+
+FEATURES = features_schema()
+
+#: stores holding one fixed-size float vector per row: (vector column, schema for a dim)
+VECTOR_STORES = {"embeddings": ("embedding", embeddings_schema), "features": ("feature", features_schema)}
+
 REJECTS = pa.schema(
     [
         _field("stage", pa.string(), "stage that rejected the record (ingest, recaption, embed, ...)"),
@@ -74,6 +94,7 @@ STORE_SCHEMAS: dict[str, pa.Schema] = {
     "manifest": IMAGE_MANIFEST,
     "captions": CAPTIONS,
     "embeddings": EMBEDDINGS,
+    "features": FEATURES,
     "rejects": REJECTS,
 }
 
@@ -82,5 +103,6 @@ STORE_KEYS: dict[str, tuple[str, ...]] = {
     "manifest": ("image_id",),
     "captions": ("caption_id",),
     "embeddings": ("caption_id",),
+    "features": ("image_id",),
     "rejects": ("stage", "record_id", "reason"),
 }

@@ -140,10 +140,18 @@ def ingest_in_process(config: Path, *overrides: str) -> None:
 
 
 def start_job(module: str, config: Path, cluster: dict[str, str]) -> subprocess.Popen:
-    """A job in its own session (so the test can kill it and its workers); its summary goes to CONFIG.json."""
-    return subprocess.Popen([sys.executable, "-m", module, "--config", str(config), "--summary-json", str(config) + ".json"],
-                            cwd=REPO, env=job_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    """A job in its own session (so the test can kill it and its workers); its summary goes to
+    CONFIG.json, its output to CONFIG.log (a pipe nobody reads would fill and block the job)."""
+    log = open(str(config) + ".log", "w")  # noqa: SIM115 - the child holds it; closed when the test process ends
+    proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(config), "--summary-json", str(config) + ".json"],
+                            cwd=REPO, env=job_env(cluster), stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log_path = Path(log.name)
+    return proc
+
+
+def job_output(proc: subprocess.Popen, chars: int = 4000) -> str:
+    """The end of what a job started by `start_job` printed."""
+    return proc.log_path.read_text(errors="replace")[-chars:]
 
 
 def registered_step(results: Path, run_prefix: str) -> int:
@@ -169,6 +177,44 @@ def wait_for_checkpoint(results: Path, run_prefix: str, proc: subprocess.Popen, 
         step = registered_step(results, run_prefix)
         if step >= at_least:
             return step
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert proc.poll() is None, job_output(proc)
         time.sleep(0.2)
     raise TimeoutError("no checkpoint was registered")
+
+
+# ---------------------------------------------------------------- train-clip and sweep inputs
+CLIP_TINY = {
+    "num_workers": 2,
+    "cpus_per_worker": 0.5,
+    "precision": "fp32",
+    "embed_dim": 32,
+    "global_batch_size": 8,
+    "lr": 1.0e-3,
+    "checkpoint_every": 3,
+    "gradient_checkpointing": False,
+    "register_alias": "candidate",
+}
+CLIP_MODELS = {"dir": str(MODELS_DIR), "llm": str(MODELS_DIR / "tiny-llama"), "vision": str(MODELS_DIR / "tiny-clip-vision"),
+               "clip_text": str(MODELS_DIR / "tiny-clip-text")}
+
+
+def clip_config(root: Path, cluster, name: str, sweep: dict | None = None, **train_clip) -> Path:
+    """A train-clip (and sweep) config on the store of `clip_store` under `root`."""
+    return write_config(root / f"{name}.yaml", root / "store", cluster, models=CLIP_MODELS, embedded={"num_scenes": 60, "image_size": 64},
+                        embed={"actors": 1, "batch_size": 64, "cra_split": None}, train_clip={**CLIP_TINY, **train_clip},
+                        **({"sweep": sweep} if sweep else {}))
+
+
+@pytest.fixture(scope="session")
+def clip_store(tmp_path_factory, cluster, models, ray_session):
+    """The embedded default (60 scenes + 10 photos) ingested and embedded by the tiny Llama:
+    what train-clip and sweep tests train on."""
+    from pipeline.config import load_config
+    from pipeline.stages.embed import run_embed
+    from pipeline.stages.tracking import Tracker
+
+    root = tmp_path_factory.mktemp("train-clip")
+    config = clip_config(root, cluster, "prep")
+    ingest_in_process(config)
+    run_embed(load_config(config), Tracker(None, None))
+    return root

@@ -87,3 +87,46 @@ def test_evaluate_models_take_bare_references():
     from pipeline.config import EvaluateConfig
 
     assert [(s.kind, s.split) for s in EvaluateConfig().sets] == [("dataset", "test")]  # default: the dataset's test split
+
+
+SPACE = "sweep.space={train_clip.text_lr: {loguniform: [1.0e-4, 1.0e-2]}, train_clip.caption_weights.provided: {uniform: [0.1, 0.9]}}"
+
+
+@pytest.mark.parametrize("space, words", [
+    ("{train_clip.nope: {choice: [1, 2]}}", ["sweep.space", "train_clip.nope", "unknown key"]),
+    ("{train_clip.lr: {uniform: [-0.1, 0.1]}}", ["sweep.space.train_clip.lr", "-0.1", "greater than 0"]),
+    ("{train_clip.adapter_blocks: {choice: [2, -1]}}", ["sweep.space.train_clip.adapter_blocks", "-1"]),
+    ("{train_clip.init_temperature: {loguniform: [0.0, 0.1]}}", ["sweep.space.train_clip.init_temperature", "low must be > 0"]),
+    ("{train_clip.warmup_steps: {randint: [10, 5]}}", ["sweep.space.train_clip.warmup_steps", "low < high"]),
+    ("{train_clip.lr: {uniform: [0.1, 0.2], choice: [1]}}", ["sweep.space.train_clip.lr", "exactly one"]),
+    ("{train_clip.num_workers: {choice: [1, 2]}}", ["train_clip.num_workers", "not a hyperparameter"]),
+    ("{train_clip.epochs: {choice: [1, 2]}}", ["train_clip.epochs", "sweep.max_epochs"]),
+    ("{finetune_text.lr: {choice: [0.1]}}", ["finetune_text.lr", "train_clip keys"]),
+    ("{train_clip.layer_decay: {uniform: [0.5, 0.9]}}", ["train_clip.layer_decay", "sweep.mode: full"]),
+])
+def test_a_bad_search_space_fails_at_load_naming_the_key(space, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs/local.yaml", [f"sweep.space={space}"])
+    for word in words:
+        assert word in str(e.value), str(e.value)
+
+
+def test_a_search_space_is_typed_and_every_drawn_value_is_a_valid_trial_config():
+    cfg = load_config(REPO / "configs/local.yaml", [SPACE, "sweep.trials=4"])
+    assert cfg.sweep.space["train_clip.text_lr"].probe_values() == [1.0e-4, 1.0e-2]
+    assert cfg.sweep.space["train_clip.caption_weights.provided"].kind == "uniform"
+    # a full sweep may tune what a cheap one cannot
+    full = load_config(REPO / "configs/local.yaml", ["sweep.mode=full", "sweep.space={train_clip.layer_decay: {uniform: [0.5, 0.9]}}"])
+    assert full.sweep.space["train_clip.layer_decay"].probe_values() == [0.5, 0.9]
+
+
+def test_a_bad_search_space_stops_the_sweep_job_before_anything_starts(tmp_path, capsys):
+    from jobs.sweep import main as sweep_main
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path / "bad.yaml", tmp_path / "store", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
+                          sweep={"space": {"train_clip.lr": {"uniform": [-1.0, 0.1]}}})
+    assert sweep_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "sweep.space.train_clip.lr" in err and "greater than 0" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()  # no Ray, no trial, nothing written

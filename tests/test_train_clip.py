@@ -1,6 +1,7 @@
 """`jobs.train_clip` on the local cluster: Ray Data joins, Ray Train + DeepSpeed (ZeRO-1, 2 CPU
 workers, gloo, bf16, gradient checkpointing), accumulation over micro-batches, MLflow tracking and registry, rejects,
-a killed worker, a killed driver, and a store that gains an unrelated dataset."""
+a killed worker, a killed driver, a store that gains an unrelated dataset; and `jobs.sweep` on the
+samples the main run joined (a cheap sweep whose driver is killed, then resumed)."""
 
 from __future__ import annotations
 
@@ -15,42 +16,20 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from jobs.sweep import main as sweep_main
+from pipeline.config import load_config
+from pipeline.stages.sweep import sweep_name
 from pipeline.store import Store
 from pipeline.training import SampleSet
-from tests.conftest import MODELS_DIR, ingest_in_process, run_stage, start_job, wait_for_checkpoint, write_config
+from tests.conftest import CLIP_TINY, clip_config, ingest_in_process, job_output, run_stage, start_job, wait_for_checkpoint
 
-TINY = {
-    "num_workers": 2,
-    "cpus_per_worker": 0.5,
-    "precision": "fp32",
-    "embed_dim": 32,
-    "global_batch_size": 8,
-    "lr": 1.0e-3,
-    "checkpoint_every": 3,
-    "gradient_checkpointing": False,
-    "register_alias": "candidate",
-}
-MODELS = {"dir": str(MODELS_DIR), "llm": str(MODELS_DIR / "tiny-llama"), "vision": str(MODELS_DIR / "tiny-clip-vision"),
-          "clip_text": str(MODELS_DIR / "tiny-clip-text")}
-
-
-def _config(root: Path, cluster, name: str, **train_clip) -> Path:
-    return write_config(root / f"{name}.yaml", root / "store", cluster, models=MODELS, embedded={"num_scenes": 60, "image_size": 64},
-                        embed={"actors": 1, "batch_size": 64, "cra_split": None}, train_clip={**TINY, **train_clip})
+TINY = CLIP_TINY
+_config = clip_config
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, cluster, models, ray_session):
-    """The embedded default (60 scenes + 10 photos) ingested and embedded by the tiny Llama."""
-    from pipeline.config import load_config
-    from pipeline.stages.embed import run_embed
-    from pipeline.stages.tracking import Tracker
-
-    root = tmp_path_factory.mktemp("train-clip")
-    config = _config(root, cluster, "prep")
-    ingest_in_process(config)
-    run_embed(load_config(config), Tracker(None, None))
-    return root
+def store(clip_store):
+    return clip_store
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +94,90 @@ def test_run_is_tracked_with_lineage_and_an_alias(trained, cluster):
     assert json.loads(mv.tags["caption_versions"]) == {"provided": "provided", "original": "original"} and mv.tags["manifest"] == "embedded"
 
 
+SPACE = {
+    "train_clip.text_lr": {"loguniform": [1.0e-3, 1.0e-2]},
+    "train_clip.adapter_blocks": {"choice": [0, 1]},
+    "train_clip.init_temperature": {"uniform": [0.05, 0.1]},
+    "train_clip.caption_weights.provided": {"uniform": [0.2, 0.8]},
+}
+SWEEP = {"trials": 4, "max_epochs": 2, "grace_epochs": 1, "reduction_factor": 2, "concurrency": 2, "seed": 1, "space": SPACE}
+
+
+def _trial_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
+    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(trained, store, cluster, ray_session):
+    """`jobs.sweep`, cheap mode, 4 trials on the tiny models (the frozen tiny CLIP tower's features
+    cached in the feature store, Ray Tune + ASHA, every trial a Ray Train run of the shared
+    trainer); its driver SIGKILLed once a trial has ended, then run again. Here, before the
+    next test adds a dataset to the stores: it reads the samples the main run joined."""
+    root = store
+    config = _config(root, cluster, "sweep", sweep=SWEEP, min_coverage=0.5)
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    experiment_id = client.get_experiment_by_name("llm2clip-tests").experiment_id
+
+    name = sweep_name(load_config(config))
+    proc = start_job("jobs.sweep", config, cluster)
+    deadline, parent, finished_before = time.time() + 600, None, set()
+    while time.time() < deadline and not finished_before:
+        assert proc.poll() is None, job_output(proc)
+        parents = client.search_runs([experiment_id], filter_string=f"tags.`llm2clip.stage` = 'sweep' and tags.`llm2clip.sweep` = '{name}'")
+        parent = parents[0] if parents else None
+        if parent:
+            finished_before = {r.data.tags["llm2clip.trial_id"] for r in _trial_runs(client, experiment_id, parent.info.run_id)
+                               if r.info.status == "FINISHED"}
+        time.sleep(2)
+    assert finished_before, "no trial finished within 10 minutes"
+    time.sleep(3)  # Tune saves its experiment state every second (sweep.py sets TUNE_GLOBAL_CHECKPOINT_S)
+    assert proc.poll() is None, "the sweep ended before the test could stop it: " + job_output(proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies with the trials it runs
+    proc.wait(timeout=60)
+    time.sleep(3)
+
+    summary_path = root / "sweep-resumed.json"  # the re-run in this process: the driver's imports cost more than its work
+    assert sweep_main(["--config", str(config), "--summary-json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert summary["sweep (resume key)"] == name and summary["resumed"] is True and summary["trials"] == 4 and summary["errored"] == 0
+    assert summary["finished"] + summary["stopped early"] == 4 and summary["scheduler"] == "asha" and summary["search"] == "random"
+    # the same parent run, reopened (not a second one)
+    parent_id = summary["mlflow run"].rsplit("/", 1)[-1]
+    assert parent_id == parent.info.run_id
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    # one nested run per trial, with its drawn values as params and its validation curve
+    table = json.loads(Path(client.download_artifacts(parent_id, "sweep/trials.json", str(root))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    trials = {r.data.tags["llm2clip.trial_id"]: r for r in _trial_runs(client, experiment_id, parent_id)}
+    assert sorted(trials) == sorted(r["trial"] for r in rows) and len(trials) == 4
+    for row in rows:
+        run = trials[row["trial"]]
+        assert run.data.tags["mlflow.parentRunId"] == parent_id and run.info.status == "FINISHED"
+        for key in SPACE:
+            assert float(run.data.params[key]) == pytest.approx(row[key], abs=1e-9)  # MLflow tables keep 9 decimals
+        curve = client.get_metric_history(run.info.run_id, "val/mean_R1")
+        assert 1 <= len({m.step for m in curve}) <= 2 and 1 <= row["epochs"] <= 2
+        assert run.data.metrics["final/mean_R1"] == pytest.approx(row["mean_R1"], abs=1e-9)
+    # finished trials were not run again; the others started again and finished
+    for trial_id in finished_before:
+        assert trials[trial_id].data.tags["llm2clip.trial_attempts"] == "1", trial_id
+    assert any(r.data.tags["llm2clip.trial_attempts"] == "2" for r in trials.values()) or len(finished_before) == 4
+
+    # the best config: a valid config with the best trial's values, on disk and in MLflow
+    best = load_config(summary["best config"])
+    for key, value in summary["best values"].items():
+        field = key.split(".", 1)[1]
+        got = best.train_clip.caption_weights["provided"] if field == "caption_weights.provided" else getattr(best.train_clip, field)
+        assert got == value
+    assert best.train_clip.epochs == load_config(config).train_clip.epochs  # the retrain's budget is the base config's
+    assert summary["best mean_R1"] == round(max(r["mean_R1"] for r in rows if r["status"] == "finished"), 4)
+    artifacts = {a.path for a in client.list_artifacts(parent_id, "sweep")}
+    assert {"sweep/parallel_coordinates.png", "sweep/trials.json", "sweep/best_train_clip.yaml"} <= artifacts
+    # the frozen tower's features, once per sample image, in a version of the feature store
+    features = Store(str(store / "store"), "features")
+    version = summary["features"]["feature version"]
+    assert features.num_rows(version) == summary["features"]["images"] and not summary["features"]["rejected"]
+
+
 def test_an_unrelated_dataset_in_the_stores_keeps_the_run_name(trained, store, cluster, ray_session):
     """Another dataset (an evaluation set, say) ingested into the same stores changes neither the
     samples this run trains on nor its name, so the run resumes instead of starting over."""
@@ -161,7 +224,7 @@ def test_a_killed_worker_and_a_killed_driver_resume(tmp_path, store, cluster, ra
     # the replaced group goes on: a later checkpoint arrives while the driver lives (else this fails)
     reached = wait_for_checkpoint(results, "train-clip-", proc, first + 2, timeout=600)
     os.killpg(proc.pid, signal.SIGKILL)  # now the driver dies, and its workers with it
-    proc.communicate(timeout=60)
+    proc.wait(timeout=60)
     time.sleep(3)
     summary = run_stage("jobs.train_clip", config, cluster)
     assert summary["resumed from step"] is not None and summary["resumed from step"] >= reached

@@ -40,7 +40,13 @@ def parse_args(stage: str, argv: list[str] | None, status: StatusFn | None = Non
     return parser.parse_args(argv)
 
 
-def job_main(stage: str, run: StageFn, status: StatusFn | None = None, epilog: str | None = None) -> Callable[[list[str] | None], int]:
+RunKeyFn = Callable[[PipelineConfig], str]
+
+
+def job_main(stage: str, run: StageFn, status: StatusFn | None = None, epilog: str | None = None,
+             run_key: RunKeyFn | None = None) -> Callable[[list[str] | None], int]:
+    """`run_key`: a resumable job's identity (computed once Ray is up); a re-run with the same
+    key reopens the job's MLflow run instead of starting another."""
     def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         args = parse_args(stage, argv, status, epilog)
@@ -58,7 +64,8 @@ def job_main(stage: str, run: StageFn, status: StatusFn | None = None, epilog: s
         address = runtime.connect(cfg.ray, cfg.run_dir)
         config_text = Path(args.config).read_text() + "".join(f"# --set {o}\n" for o in args.overrides)
         resolved = config_to_dict(cfg)
-        with tracking.start_run(cfg.mlflow, stage, resolved, config_text=config_text) as tracker:
+        key = run_key(cfg) if run_key else None
+        with tracking.start_run(cfg.mlflow, stage, resolved, config_text=config_text, run_key=key) as tracker:
             result = run(cfg, tracker)
             tracker.log_metrics({"wall_seconds": time.time() - start})
         summary = json.loads(json.dumps(result.summary() if hasattr(result, "summary") else result, default=str))

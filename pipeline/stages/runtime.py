@@ -84,5 +84,7 @@ def _reachable(address: str, timeout: float = 2.0) -> bool:
 
 
 def _start_local(cfg: RayConfig) -> str:
-    ray.init(num_cpus=cfg.local_num_cpus, namespace=cfg.namespace, include_dashboard=False)
+    # With the dashboard: Ray Train frees the placement group of a run whose controller died (a
+    # sweep's early-stopped trial) only after the State API, which the dashboard serves, says so.
+    ray.init(num_cpus=cfg.local_num_cpus, namespace=cfg.namespace, include_dashboard=True)
     return ray.get_runtime_context().gcs_address

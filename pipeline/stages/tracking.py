@@ -96,6 +96,25 @@ class Tracker:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
+RUN_KEY = "llm2clip.run_key"  # tag of a run that a re-run of the same job reopens
+
+
+def open_run(client: MlflowClient, experiment_id: str, key: Mapping[str, str], tags: Mapping[str, str],
+             params: Mapping[str, Any] | None = None, tracking_uri: str | None = None) -> tuple[Tracker, bool]:
+    """The newest run of the experiment whose tags hold `key`, reopened (status RUNNING), or a
+    new one with `key`, `tags` and `params`. Returns (tracker, reopened)."""
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items())
+    found = client.search_runs([experiment_id], filter_string=where, max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return Tracker(client, run_id, tracking_uri), True
+    run = client.create_run(experiment_id, tags={**tags, **key})
+    tracker = Tracker(client, run.info.run_id, tracking_uri)
+    tracker.log_params(params or {})
+    return tracker, False
+
+
 @contextmanager
 def start_run(
     cfg: MlflowConfig,
@@ -103,9 +122,11 @@ def start_run(
     config: Mapping[str, Any],
     config_text: str | None = None,
     run_name: str | None = None,
+    run_key: str | None = None,
 ) -> Iterator[Tracker]:
     """An MLflow run for one job: records the config verbatim, its flattened params,
-    the code version and the stage; ends FINISHED, or FAILED if the job raises."""
+    the code version and the stage; ends FINISHED, or FAILED if the job raises. With a
+    `run_key` (a resumable job's identity), a re-run reopens the run that key started."""
     if not cfg.enabled:
         yield Tracker(None, None)
         return
@@ -116,18 +137,24 @@ def start_run(
     tags.update({f"llm2clip.code.{k}": str(v) for k, v in code_version().items() if v})
     if cfg.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.parent_run_id
-    run = client.create_run(experiment_id, tags=tags)
-    tracker = Tracker(client, run.info.run_id, cfg.tracking_uri)
-    tracker.log_params(flatten(config))
+    if run_key:
+        tracker, reopened = open_run(client, experiment_id, {RUN_KEY: run_key}, tags, flatten(config), cfg.tracking_uri)
+        if reopened:
+            tracker.set_tags({k: v for k, v in tags.items() if k.startswith("llm2clip.code.")})
+    else:
+        run = client.create_run(experiment_id, tags=tags)
+        tracker = Tracker(client, run.info.run_id, cfg.tracking_uri)
+        tracker.log_params(flatten(config))
+    run_id = tracker.run_id
     tracker.log_dict(dict(config), "config/resolved.json")
     if config_text is not None:
         tracker.log_text(config_text, "config/config.yaml")
     try:
         yield tracker
     except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
+        client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    client.set_terminated(run_id, status="FINISHED")
 
 
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -50,6 +50,7 @@ from schemas import STORE_SCHEMAS
 
 NO_EMBEDDING = "no_caption_embedding"
 SAMPLES_META = "meta.json"
+MEAN_R1 = "mean_R1"  # validation: mean of image->text and text->image recall@1 over the validation sets
 RECAPTION = "recaption"  # in caption_weights / eval_captions: the version the recaption section writes
 
 
@@ -245,14 +246,22 @@ def samples_key(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan) 
                         "splits": [tc.train_split, tc.val_split], "seed": tc.seed}, 16)
 
 
-def load_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan, storage: str) -> SampleData:
+@dataclass(frozen=True)
+class SampleRows:
+    """The joined, numbered samples on storage: `{root}/train` and `{root}/val` (Parquet) and their meta."""
+
+    fs: Any
+    root: str
+    meta: dict[str, Any]
+
+
+def sample_rows(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan, storage: str) -> SampleRows:
     """The training and validation samples: joined and numbered once by `join_samples` into
     `{storage}/samples/{samples_key}` (Parquet), then read from there by every run of the same
-    inputs (a resumed job, a rerun, a sweep's trials) with this run's image pipeline."""
+    inputs (a resumed job, a rerun, a sweep's trials); fails when too few images are usable."""
     tc = cfg.train_clip
-    payload = PAYLOAD[source.tower]
     fs, root = resolve_filesystem(f"{storage.rstrip('/')}/samples/{samples_key(cfg, source, captions)}")
-    meta = _read_meta(fs, root)
+    meta = read_meta(fs, root)
     if meta is None:
         meta = join_samples(cfg, source, captions, fs, root)
     for split, total in meta["images"].items():
@@ -265,6 +274,15 @@ def load_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan,
                              f"{' with an embedding of ' + source.encoder_version if source.encoder_version else ''} "
                              f"(train_clip.min_coverage {tc.min_coverage}); embed the missing captions first "
                              f"(jobs.embed with embed.caption_versions={captions.versions})")
+    return SampleRows(fs, root, meta)
+
+
+def load_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan, storage: str) -> SampleData:
+    """The samples (`sample_rows`) through this run's image pipeline."""
+    tc = cfg.train_clip
+    payload = PAYLOAD[source.tower]
+    rows = sample_rows(cfg, source, captions, storage)
+    fs, root, meta = rows.fs, rows.root, rows.meta
     size = tc.image_size or _image_size(cfg)
     prep = dict(size=size, payload=payload, max_bytes=cfg.ingest.limits.max_bytes)
     val = ray.data.read_parquet(f"{root}/val", filesystem=fs).map_batches(
@@ -336,7 +354,7 @@ def join_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan,
     return meta
 
 
-def _read_meta(fs, root: str) -> dict[str, Any] | None:
+def read_meta(fs, root: str) -> dict[str, Any] | None:
     try:
         with fs.open_input_stream(f"{root}/{SAMPLES_META}") as f:
             return json.loads(f.read().decode())
@@ -363,18 +381,23 @@ class ClipTask(TrainTask):
     eval_versions: dict[str, str]  # validation set name -> caption version
     shuffle_buffer: int
 
+    def _setup(self, ctx: WorkerContext) -> None:
+        """The worker-side state every variant of the task has: its loss, the unreadable images seen."""
+        from pipeline.contrastive import ClipLoss, SigLipLoss
+
+        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True) if self.tc.loss == "clip" else SigLipLoss(gather_with_grad=True)
+        self.rejects: dict[str, tuple[str, str]] = {}
+
     def build(self, ctx: WorkerContext):
         from pipeline.clip_model import LLM2CLIP
-        from pipeline.contrastive import ClipLoss, SigLipLoss
 
         model = LLM2CLIP.build(self.model_config, self.vision_path, self.clip_text_path)
         if self.tc.vision_unlocked_groups is not None:
             model.vision.lock(self.tc.vision_unlocked_groups)
         if self.tc.gradient_checkpointing:
             model.vision.set_grad_checkpointing(True)
-        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True) if self.tc.loss == "clip" else SigLipLoss(gather_with_grad=True)
+        self._setup(ctx)
         self.spec = model.image_spec
-        self.rejects: dict[str, tuple[str, str]] = {}
         self.flops_per_sample = _forward_flops(model, self.spec.size, self.model_config) * 3 if ctx.plan.trainer.use_gpu else 0.0
         return model.to(ctx.device)
 
@@ -408,6 +431,19 @@ class ClipTask(TrainTask):
             return torch.from_numpy(np.asarray(batch["embedding"], dtype=np.float32)).to(device)
         return {k: v.to(device) for k, v in model.text.tokenize(list(batch["text"])).items()}
 
+    def _image_input(self, batch: dict[str, Any], ctx: WorkerContext):
+        """What the model's vision side takes: normalised pixels."""
+        import torch
+
+        return normalise_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(ctx.device), self.spec.mean, self.spec.std)
+
+    def _val_batches(self):
+        """The held-out samples whose image could be read, every caption of each."""
+        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=64, batch_format="numpy"):
+            batch = {k: v[batch["reason"] == ""] for k, v in batch.items()}
+            if len(batch["sample_id"]):
+                yield batch
+
     def train_step(self, engine, batch, state: TrainState, ctx: WorkerContext) -> StepOutput:
         import torch
 
@@ -415,7 +451,7 @@ class ClipTask(TrainTask):
 
         engine.train()
         model = engine.module
-        pixels = normalise_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(ctx.device), self.spec.mean, self.spec.std)
+        pixels = self._image_input(batch, ctx)
         text = self._text(model, batch, ctx.device)
         k, m = ctx.plan.accum_steps, ctx.plan.micro_batch
         micro = [(pixels[i * m:(i + 1) * m], text[i * m:(i + 1) * m] if isinstance(text, torch.Tensor)
@@ -450,21 +486,15 @@ class ClipTask(TrainTask):
 
     def evaluate(self, engine, state: TrainState, ctx: WorkerContext) -> dict[str, float]:
         """Image<->text recall@1/5/10 on the held-out split, one set per `eval_captions` entry."""
-        import torch
-
         if ctx.plan.trainer.zero_stage < 3 and ctx.rank != 0:
             return {}  # rank 0 has every weight; under ZeRO-3 all ranks take part in each forward
         model = engine.module
         model.eval()
         payload = PAYLOAD[self.model_config.text_tower]
         images, texts = [], {name: ([], []) for name in self.eval_versions}
-        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=64, batch_format="numpy"):
-            batch = {k: v[batch["reason"] == ""] for k, v in batch.items()}
-            if not len(batch["sample_id"]):
-                continue
-            pixels = normalise_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(ctx.device), self.spec.mean, self.spec.std)
+        for batch in self._val_batches():
             first = sum(len(x) for x in images)
-            images.append(model.encode_image(pixels).numpy())
+            images.append(model.encode_image(self._image_input(batch, ctx)).numpy())
             for name, version in self.eval_versions.items():
                 owners, items = texts[name]
                 for row, (versions, values) in enumerate(zip(batch["caption_version"], batch[payload])):
@@ -487,6 +517,9 @@ class ClipTask(TrainTask):
             recall = retrieval_recall(image_emb[keep], text_emb, [index[o] for o in owners])
             # MLflow metric names take no '@': i2t_r@1 -> i2t_R1
             out |= {f"{name}.{k.replace('r@', 'R')}": v for k, v in recall.items()} | {f"{name}.images": float(len(keep))}
+        r1 = [v for k, v in out.items() if k.endswith("_R1")]
+        if r1:  # one number to compare runs and rank sweep trials by
+            out[MEAN_R1] = float(np.mean(r1))
         return out
 
     def export(self, engine, ctx: WorkerContext) -> dict:
@@ -558,51 +591,100 @@ def run_name_for(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan,
     return tc.run_name or "train-clip-" + stable_hash(identity, 10)
 
 
-def run_train_clip(cfg: PipelineConfig, tracker: Tracker) -> TrainClipResult:
-    tc = cfg.train_clip
-    start = time.perf_counter()
-    source = text_source(cfg)
-    captions = CaptionPlan.of(cfg)
-    named = captions.named
-    vision = tc.vision_model or cfg.models.vision
+def model_config_for(tc: TrainClipConfig, source: TextSource, vision: str) -> LLM2CLIPConfig:
+    """The model a train-clip config builds (the text dim and encoder come from the embeddings)."""
+    return LLM2CLIPConfig(
+        embed_dim=tc.embed_dim, text_tower=tc.text_tower, text_dim=source.dim, adapter_blocks=tc.adapter_blocks,
+        adapter_expansion=tc.adapter_expansion, adapter_dropout=tc.adapter_dropout, init_logit_scale=math.log(1 / tc.init_temperature),
+        init_logit_bias=-10.0 if tc.loss == "siglip" else None, image_size=tc.image_size,
+        encoder_version=source.encoder_version, text_encoder=source.encoder_ref, vision_source=vision)
+
+
+def total_steps(tc: TrainClipConfig, num_train: int, num_workers: int) -> int:
+    """Optimizer steps of a run: `epochs` of whole global batches, at most `max_steps`."""
+    per_step = num_workers * tc.accum_steps
+    if tc.global_batch_size % per_step:
+        raise ValueError(f"train_clip.global_batch_size {tc.global_batch_size} must divide into num_workers x accum_steps = "
+                         f"{per_step} micro-batches")
+    steps_per_epoch = num_train // tc.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"train_clip: {num_train} training images are fewer than one global batch ({tc.global_batch_size})")
+    return min(tc.max_steps or 10**12, math.ceil(tc.epochs * steps_per_epoch))
+
+
+def train_plan(tc: TrainClipConfig, run_name: str, total: int, num_train: int, tracking_uri: str | None, run_id: str | None,
+               checkpoint_epochs: bool = False) -> TrainPlan:
+    return TrainPlan(run_name=run_name, total_steps=total, num_samples=num_train,
+                     micro_batch=tc.global_batch_size // (tc.num_workers * tc.accum_steps), precision=tc.precision, seed=tc.seed,
+                     trainer=tc.settings(), optimizer=tc.optimizer(), accum_steps=tc.accum_steps, tracking_uri=tracking_uri,
+                     mlflow_run_id=run_id, checkpoint_epochs=checkpoint_epochs)
+
+
+@dataclass
+class ClipRun:
+    """A train-clip run prepared on the driver: its inputs, its model and its data."""
+
+    source: TextSource
+    captions: CaptionPlan
+    vision: str
+    clip_text: str | None
+    storage: str
+    data: SampleData
+    run_name: str
+    model_config: LLM2CLIPConfig
+    total_steps: int
+
+    def task(self, tc: TrainClipConfig) -> ClipTask:
+        return ClipTask(model_config=self.model_config, vision_path=self.vision, clip_text_path=self.clip_text, tc=tc,
+                        eval_versions={name: self.captions.named[v] for name, v in tc.eval_captions.items()},
+                        shuffle_buffer=shuffle_buffer_rows(tc.global_batch_size, tc.num_workers))
+
+    @property
+    def datasets(self) -> dict[str, Any]:
+        return {"train": self.data.train, "val": self.data.val}
+
+
+def vision_ref(cfg: PipelineConfig) -> str:
+    vision = cfg.train_clip.vision_model or cfg.models.vision
     if not vision:
         raise ValueError("train_clip.vision_model (or models.vision) must name a vision backbone")
+    return vision
+
+
+def prepare_run(cfg: PipelineConfig) -> ClipRun:
+    """Resolve the inputs, join (or reuse) the samples, name the run."""
+    tc = cfg.train_clip
+    source = text_source(cfg)
+    captions = CaptionPlan.of(cfg)
+    vision = vision_ref(cfg)
     clip_text = cfg.models.clip_text if tc.text_tower == "clip" else None
     if tc.text_tower == "clip" and not clip_text:
         raise ValueError("train_clip.text_tower: clip needs models.clip_text (a CLIPTextModel folder; `make models` builds tiny-clip-text)")
     storage = storage_path(tc.settings(), cfg.run_dir)
     data = load_samples(cfg, source, captions, storage)
-    global_batch = tc.global_batch_size
-    per_step = tc.num_workers * tc.accum_steps
-    if global_batch % per_step:
-        raise ValueError(f"train_clip.global_batch_size {global_batch} must divide into num_workers x accum_steps = {per_step} micro-batches")
-    steps_per_epoch = data.num_train // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"train_clip: {data.num_train} training images are fewer than one global batch ({global_batch})")
-    total = min(tc.max_steps or 10**12, math.ceil(tc.epochs * steps_per_epoch))
+    total = total_steps(tc, data.num_train, tc.num_workers)
+    return ClipRun(source, captions, vision, clip_text, storage, data, run_name_for(cfg, source, captions, data.digest),
+                   model_config_for(tc, source, vision), total)
 
-    result = TrainClipResult(run_name="", text_tower=tc.text_tower, encoder_version=source.encoder_version, caption_versions=named,
+
+def run_train_clip(cfg: PipelineConfig, tracker: Tracker) -> TrainClipResult:
+    tc = cfg.train_clip
+    start = time.perf_counter()
+    run = prepare_run(cfg)
+    source, data, named, storage = run.source, run.data, run.captions.named, run.storage
+    vision, clip_text, model_config, global_batch = run.vision, run.clip_text, run.model_config, tc.global_batch_size
+    result = TrainClipResult(run_name=run.run_name, text_tower=tc.text_tower, encoder_version=source.encoder_version, caption_versions=named,
                              train_images=data.num_train, val_images=data.num_val, global_batch=global_batch,
                              skipped_no_embedding={s: len(v) for s, v in data.missing.items()})
-    result.run_name = run_name_for(cfg, source, captions, data.digest)
-    model_config = LLM2CLIPConfig(
-        embed_dim=tc.embed_dim, text_tower=tc.text_tower, text_dim=source.dim, adapter_blocks=tc.adapter_blocks,
-        adapter_expansion=tc.adapter_expansion, init_logit_scale=math.log(1 / tc.init_temperature),
-        init_logit_bias=-10.0 if tc.loss == "siglip" else None, image_size=tc.image_size,
-        encoder_version=source.encoder_version, text_encoder=source.encoder_ref, vision_source=vision)
     tracker.set_tags({"llm2clip.run_name": result.run_name, "llm2clip.inputs.manifest": tc.dataset or cfg.ingest.dataset,
                       "llm2clip.inputs.embeddings": source.encoder_version or "", "llm2clip.encoder_version": source.encoder_version or "",
                       "llm2clip.inputs.captions": json.dumps(named), "llm2clip.vision_model": vision})
-    tracker.log_params({"train_images": data.num_train, "val_images": data.num_val, "total_steps": total, "global_batch": global_batch,
-                        "samples_digest": data.digest})
+    tracker.log_params({"train_images": data.num_train, "val_images": data.num_val, "total_steps": run.total_steps,
+                        "global_batch": global_batch, "samples_digest": data.digest})
 
-    plan = TrainPlan(run_name=result.run_name, total_steps=total, num_samples=data.num_train, micro_batch=global_batch // per_step,
-                     precision=tc.precision, seed=tc.seed, trainer=tc.settings(), optimizer=tc.optimizer(), accum_steps=tc.accum_steps,
-                     tracking_uri=cfg.mlflow.tracking_uri if tracker.enabled else None, mlflow_run_id=tracker.run_id)
-    task = ClipTask(model_config=model_config, vision_path=vision, clip_text_path=clip_text, tc=tc,
-                    eval_versions={name: named[v] for name, v in tc.eval_captions.items()},
-                    shuffle_buffer=shuffle_buffer_rows(global_batch, tc.num_workers))
-    fitted = fit(task, plan, {"train": data.train, "val": data.val}, storage)
+    plan = train_plan(tc, run.run_name, run.total_steps, data.num_train, cfg.mlflow.tracking_uri if tracker.enabled else None,
+                      tracker.run_id)
+    fitted = fit(run.task(tc), plan, run.datasets, storage)
     result.steps, result.final_loss = fitted.state.step, fitted.state.last_loss
     result.resumed_from_step = fitted.outcome.resumed_from_step
     if fitted.outcome.step_seconds:

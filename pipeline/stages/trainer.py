@@ -53,6 +53,8 @@ class TrainPlan:
     accum_steps: int = 1
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    checkpoint_epochs: bool = False  # also checkpoint at each epoch's end, after its evaluation (a sweep's trials: the
+    # scheduler compares trials on what every report carries, the last evaluation)
 
 
 @dataclass
@@ -262,7 +264,8 @@ class _Loop:
                 if exported:
                     save_file({k: v.contiguous() for k, v in exported.items()}, str(Path(tmp) / EXPORT))
             dist.barrier()
-            metrics = {"step": state.step, "epoch": state.epoch, "loss": state.last_loss if state.last_loss is not None else float("nan")}
+            metrics = {"step": state.step, "epoch": state.epoch, "loss": state.last_loss if state.last_loss is not None else float("nan"),
+                       **state.evaluation}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def run(self) -> WorkerOutcome:
@@ -311,6 +314,8 @@ class _Loop:
             upcoming = _started(self.task.batches(shard, state, ctx))  # overlaps the evaluation
             self._evaluate()
             evaluated_at = state.step
+            if plan.checkpoint_epochs:
+                self.save("epoch")
         if evaluated_at != state.step:
             self._evaluate()
         self.save("final")
@@ -371,9 +376,11 @@ def storage_path(trainer: TrainerSettings, run_dir: str) -> str:
     return trainer.storage_path or str(Path(run_dir) / "ray_results")
 
 
-def fit(task: TrainTask, plan: TrainPlan, datasets: dict[str, Any], storage: str, splits: list[str] | None = None) -> FitResult:
+def fit(task: TrainTask, plan: TrainPlan, datasets: dict[str, Any], storage: str, splits: list[str] | None = None,
+        callbacks: list | None = None) -> FitResult:
     """Run (or resume) `plan.run_name` to its last step; `datasets['train']` is split among
-    workers (and any other dataset named in `splits`); the rest reach every worker whole."""
+    workers (and any other dataset named in `splits`); the rest reach every worker whole.
+    `callbacks`: Ray Train callbacks (a sweep's trial passes Tune's `TuneReportCallback`)."""
     import functools
 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -392,6 +399,7 @@ def fit(task: TrainTask, plan: TrainPlan, datasets: dict[str, Any], storage: str
             name=plan.run_name, storage_path=storage,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
