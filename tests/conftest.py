@@ -120,6 +120,36 @@ def run_job(module: str, config: Path, cluster: dict[str, str], *extra: str, tim
     return subprocess.run(cmd, cwd=REPO, env=job_env(cluster), capture_output=True, text=True, timeout=timeout)
 
 
+def run_job_here(module: str, config: Path, cluster: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+    """A job's `main` in this test process, a driver of the test cluster already: for runs whose
+    point is what the job does, not its process (a fresh interpreter's imports cost ~15 s here)."""
+    import contextlib
+    import importlib
+    import io
+
+    import ray
+
+    from pipeline.stages.runtime import use_cluster_env
+
+    if not ray.is_initialized():
+        use_cluster_env(cluster)
+        ray.init(address=cluster["RAY_ADDRESS"], namespace="llm2clip-tests", log_to_driver=False)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = importlib.import_module(module).main(["--config", str(config), *extra])
+    return subprocess.CompletedProcess([module, *extra], rc, out.getvalue(), err.getvalue())
+
+
+def run_stage_here(module: str, config: Path, cluster: dict[str, str], *extra: str) -> dict:
+    """`run_stage` in this process (see `run_job_here`)."""
+    import json
+
+    path = config.parent / f"summary-{module.rsplit('.', 1)[-1]}-here-{len(list(config.parent.glob('summary-*')))}.json"
+    out = run_job_here(module, config, cluster, "--summary-json", str(path), *extra)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return json.loads(path.read_text())
+
+
 def run_stage(module: str, config: Path, cluster: dict[str, str], *extra: str, timeout: int = 900) -> dict:
     """Run a job that must succeed; return its summary (written with --summary-json)."""
     path = config.parent / f"summary-{module.rsplit('.', 1)[-1]}-{os.getpid()}-{len(list(config.parent.glob('summary-*')))}.json"

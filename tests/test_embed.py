@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.store import Store, utc_now
 from pipeline.text_encoder import TextEncoder
-from tests.conftest import MODELS_DIR, run_job, write_config
+from tests.conftest import MODELS_DIR, run_job_here, write_config
 
 EMBED = {"caption_versions": ["original", "provided"], "actors": 1, "cpus_per_actor": 1, "batch_size": 64, "bidirectional": False}
 
@@ -18,7 +18,7 @@ EMBED = {"caption_versions": ["original", "provided"], "actors": 1, "cpus_per_ac
 def ingested(tmp_path_factory, cluster, models):
     root = tmp_path_factory.mktemp("embed")
     config = write_config(root / "c.yaml", root / "store", cluster, embed=EMBED)
-    out = run_job("jobs.ingest", config, cluster)
+    out = run_job_here("jobs.ingest", config, cluster)
     assert out.returncode == 0, out.stderr[-3000:]
     return root, config
 
@@ -26,7 +26,7 @@ def ingested(tmp_path_factory, cluster, models):
 @pytest.fixture(scope="module")
 def first_embed(ingested, cluster):
     root, config = ingested
-    out = run_job("jobs.embed", config, cluster)
+    out = run_job_here("jobs.embed", config, cluster)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
 
@@ -67,7 +67,7 @@ def test_second_run_writes_nothing(ingested, first_embed, cluster):
     root, config = ingested
     version = _version(root / "store")
     before = len(Store(str(root / "store"), "embeddings").commits(version))
-    out = run_job("jobs.embed", config, cluster)
+    out = run_job_here("jobs.embed", config, cluster)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "written: 0" in out.stdout
     assert len(Store(str(root / "store"), "embeddings").commits(version)) == before
@@ -96,7 +96,7 @@ def test_bad_captions_are_rejected_and_counts_reconcile(tmp_path, cluster, model
     )
     embed = EMBED | {"caption_versions": ["user"], "overlong": "reject", "max_length": 16, "cra_split": None}
     config = write_config(tmp_path / "c.yaml", store, cluster, embed=embed, models={"dir": str(MODELS_DIR), "llm": str(models["tiny-llama"])})
-    out = run_job("jobs.embed", config, cluster)
+    out = run_job_here("jobs.embed", config, cluster)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     version = _version(store)
     assert sorted(Store(str(store), "embeddings").read(version).column("caption_id").to_pylist()) == ["c-ok", "c-ok2"]
@@ -104,7 +104,7 @@ def test_bad_captions_are_rejected_and_counts_reconcile(tmp_path, cluster, model
     assert rejects == {"c-empty": "empty_caption", "c-long": "too_long"}
     assert "input captions: 4" in out.stdout and "written: 2" in out.stdout and "rejected: 2" in out.stdout
     # truncate instead: the long caption is embedded (cut to max_length), only the empty one is rejected
-    out = run_job("jobs.embed", config, cluster, "--set", "embed.overlong=truncate")
+    out = run_job_here("jobs.embed", config, cluster, "--set", "embed.overlong=truncate")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "truncated: 1" in out.stdout and "written: 1" in out.stdout and "skipped (already embedded): 2" in out.stdout
 
@@ -130,7 +130,7 @@ def test_encoder_from_an_mlflow_uri(tmp_path, cluster, models):
     )
     embed = EMBED | {"caption_versions": ["user"], "cra_split": None, "encoder": f"runs:/{run.info.run_id}/encoder", "bidirectional": None}
     config = write_config(tmp_path / "c.yaml", store, cluster, embed=embed)
-    out = run_job("jobs.embed", config, cluster)
+    out = run_job_here("jobs.embed", config, cluster)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert Store(str(store), "embeddings").versions() == [enc.encoder_version]
     got = Store(str(store), "embeddings").read(enc.encoder_version)

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.store import Store
 from pipeline.text_encoder import TextEncoder
 from pipeline.training import SampleSet
-from tests.conftest import MODELS_DIR, run_job, run_stage, start_job, wait_for_checkpoint, write_config
+from tests.conftest import MODELS_DIR, run_job, run_stage, run_stage_here, start_job, wait_for_checkpoint, write_config
 
 TINY = {
     "base_model": str(MODELS_DIR / "tiny-llama"),
@@ -81,14 +81,14 @@ def test_run_is_tracked_with_per_step_loss_and_a_registered_model(zero2, cluster
 
 def test_embed_takes_the_registered_encoder(zero2, store, cluster):
     config, summary = zero2
-    out = run_stage("jobs.embed", config, cluster, "--set", f"embed.encoder={summary['MLflow model URI']}")
+    out = run_stage_here("jobs.embed", config, cluster, "--set", f"embed.encoder={summary['MLflow model URI']}")
     assert out["encoder_version (embedding store version)"] == summary["encoder_version"]
     assert summary["encoder_version"] in Store(str(store / "store"), "embeddings").versions()
 
 
 def test_zero3_trains_with_two_workers(store, cluster):
     pairs = [{"first": "original", "second": "provided"}, {"first": "provided", "reorder_sentences": True}]
-    summary = run_stage("jobs.finetune_text", _config(store, cluster, "zero3", zero_stage=3, max_steps=4, checkpoint_every=2,
+    summary = run_stage_here("jobs.finetune_text", _config(store, cluster, "zero3", zero_stage=3, max_steps=4, checkpoint_every=2,
                                                       register_as=None, pairs=pairs), cluster)
     assert summary["steps"] == 4 and np.isfinite(summary["final loss"]) and summary["registered model"] is None
     assert set(summary["CRA after (fine-tuned)"]) >= {"heldout.original-vs-provided", "heldout.provided-vs-reordered"}

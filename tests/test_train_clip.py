@@ -21,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.stages.sweep import sweep_name
 from pipeline.store import Store
 from pipeline.training import SampleSet
-from tests.conftest import CLIP_TINY, clip_config, ingest_in_process, job_output, run_stage, start_job, wait_for_checkpoint
+from tests.conftest import CLIP_TINY, clip_config, ingest_in_process, job_output, run_stage, run_stage_here, start_job, wait_for_checkpoint
 
 TINY = CLIP_TINY
 _config = clip_config
@@ -49,7 +49,7 @@ def trained(store, cluster):
     original = Path(victim["uri"]).read_bytes()  # the other tests share the image files: restored below
     Path(victim["uri"]).write_bytes(b"not the ingested bytes")
     try:
-        summary = run_stage("jobs.train_clip", config, cluster)
+        summary = run_stage_here("jobs.train_clip", config, cluster)
     finally:
         Path(victim["uri"]).write_bytes(original)
     return config, summary, {"unembedded": unembedded, "victim": victim["image_id"]}

@@ -108,7 +108,10 @@ def open_run(client: MlflowClient, experiment_id: str, key: Mapping[str, str], t
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
-        return Tracker(client, run_id, tracking_uri), True
+        tracker = Tracker(client, run_id, tracking_uri)
+        # params the first attempt did not log (it was killed between creating the run and logging them)
+        tracker.log_params({k: v for k, v in (params or {}).items() if k not in found[0].data.params})
+        return tracker, True
     run = client.create_run(experiment_id, tags={**tags, **key})
     tracker = Tracker(client, run.info.run_id, tracking_uri)
     tracker.log_params(params or {})
