@@ -5,6 +5,7 @@ Pure: no Ray, no MLflow."""
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +98,7 @@ def best_config_yaml(resolved: dict[str, Any], best: TrialRow, metric: str, swee
     """The sweep's base config with the best trial's values: a file `jobs.train_clip --config`
     takes as it is (paths are the resolved ones of the sweep's run)."""
     data = apply_overrides({k: v for k, v in resolved.items() if k != "sweep"}, list(best.params.items()))
-    sets = " ".join(f"--set {k}={v}" for k, v in best.params.items())
+    sets = " ".join(f"--set {shlex.quote(f'{k}={v}')}" for k, v in best.params.items())
     header = (f"# Best trial {best.trial_id} of sweep {sweep_name}: {metric} = {best.metric:.4f} after {best.epochs} epochs.\n"
               f"# Train it: python -m jobs.train_clip --config THIS_FILE\n"
               f"# or on the sweep's own config: python -m jobs.train_clip --config CONFIG {sets}\n")

@@ -30,6 +30,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -279,7 +280,7 @@ class SweepResult:
     mlflow_url: str | None = None
 
     def summary(self) -> dict[str, Any]:
-        sets = " ".join(f"--set {k}={v}" for k, v in self.best_params.items())
+        sets = " ".join(f"--set {shlex.quote(f'{k}={v}')}" for k, v in self.best_params.items())
         return {
             "stage": "sweep", "sweep (resume key)": self.name, "mode": self.mode, "search": self.search, "scheduler": self.scheduler,
             "trials at once": self.concurrency, "resumed": self.resumed, "features": self.features, "trials": self.trials, "finished": self.finished,
