@@ -45,7 +45,7 @@ from pipeline.config import PipelineConfig, SearchDomain, validate_config
 from pipeline.image_transforms import ImageSpec
 from pipeline.stages.features import FeatureResult, compute_features, feature_identity
 from pipeline.stages.tracking import Tracker, open_run
-from pipeline.store import put_atomically
+from pipeline.store import Store, put_atomically
 from pipeline.stages.train_clip import (
     MEAN_R1, SAMPLES_META, CaptionPlan, read_meta, ClipTask, TextSource, model_config_for, prepare_run, sample_rows, samples_key, text_source, total_steps,
     train_plan, vision_ref,
@@ -251,7 +251,8 @@ def sweep_name(cfg: PipelineConfig) -> str:
         return cfg.sweep.name
     source = text_source(cfg)
     features = feature_version(cfg) if cfg.sweep.mode == "cheap" else None  # a moved alias is another sweep
-    identity = {"storage": storage_path(cfg.train_clip.settings(), cfg.run_dir), "features": features,"sweep": cfg.sweep.model_dump(mode="json", exclude={"name", "concurrency", "feature_actors", "feature_batch_size"}),
+    identity = {"storage": storage_path(cfg.train_clip.settings(), cfg.run_dir), "features": features,
+                "sweep": cfg.sweep.model_dump(mode="json", exclude={"name", "concurrency", "feature_actors", "feature_batch_size"}),
                 "recipe": cfg.train_clip.recipe(), "vision": frozen_tower(cfg), "encoder_version": source.encoder_version,
                 "samples": samples_key(cfg, source, CaptionPlan.of(cfg))}
     return "sweep-" + stable_hash(identity, 10)
@@ -294,8 +295,6 @@ class SweepResult:
 
 def _cheap_inputs(cfg: PipelineConfig, source: TextSource, storage: str, tracker: Tracker) -> tuple[dict[str, Any], int, FeatureResult]:
     """Cached features joined to the samples' caption embeddings: materialised train/val datasets."""
-    from pipeline.store import Store
-
     tc, sw = cfg.train_clip, cfg.sweep
     captions = CaptionPlan.of(cfg)
     rows = sample_rows(cfg, source, captions, storage)
@@ -391,7 +390,8 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker) -> SweepResult:
                                         max_concurrent_trials=concurrency if result.search == "optuna" else None,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=f"{storage.rstrip('/')}/sweeps", verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=1), callbacks=[_closer(inputs.tracking_uri, tracker.run_id, name, sw.metric, max_t)]),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      callbacks=[_closer(inputs.tracking_uri, tracker.run_id, name, sw.metric, max_t)]),
         )
     grid = tuner.fit()
     result.rows = [_row(r, sw.metric, max_t, tracker, name) for r in grid]
