@@ -3,10 +3,10 @@
     python -m jobs.embed --config configs/local.yaml [--set embed.encoder=PATH_OR_MLFLOW_URI]
 """
 
-from pipeline.stages.embed import run_embed
+from pipeline.stages.embed import plan_embed, run_embed
 from pipeline.stages.jobkit import job_main
 
-main = job_main("embed", run_embed)
+main = job_main("embed", run_embed, plan=plan_embed)
 
 if __name__ == "__main__":
     raise SystemExit(main())

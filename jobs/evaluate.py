@@ -4,7 +4,7 @@ retrieval, zero-shot classification; a Markdown/JSON report with plots, logged t
     python -m jobs.evaluate --config configs/local.yaml --set "evaluate.models=[MODEL, ...]"
 """
 
-from pipeline.stages.evaluate import run_evaluate
+from pipeline.stages.evaluate import plan_evaluate, run_evaluate
 from pipeline.stages.jobkit import job_main
 
 EPILOG = """\
@@ -26,7 +26,7 @@ The report (results.md, results.json, plots/) is written under evaluate.output_d
 {run_dir}/evaluate) and logged to the MLflow run; the tables are printed at the end.
 """
 
-main = job_main("evaluate", run_evaluate, epilog=EPILOG)
+main = job_main("evaluate", run_evaluate, epilog=EPILOG, plan=plan_evaluate)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,10 +3,10 @@
     python -m jobs.ingest --config configs/local.yaml [--set ingest.source=/data/listing.jsonl]
 """
 
-from pipeline.stages.ingest import run_ingest
+from pipeline.stages.ingest import plan_ingest, run_ingest
 from pipeline.stages.jobkit import job_main
 
-main = job_main("ingest", run_ingest)
+main = job_main("ingest", run_ingest, plan=plan_ingest)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -4,9 +4,9 @@
 """
 
 from pipeline.stages.jobkit import job_main
-from pipeline.stages.recaption import run_recaption
+from pipeline.stages.recaption import plan_recaption, run_recaption
 
-main = job_main("recaption", run_recaption)
+main = job_main("recaption", run_recaption, plan=plan_recaption)
 
 if __name__ == "__main__":  # vLLM starts engine processes: keep the guard
     raise SystemExit(main())

@@ -5,9 +5,9 @@ Ends by printing the model's path and MLflow model URI, which `jobs.evaluate` ta
 """
 
 from pipeline.stages.jobkit import job_main
-from pipeline.stages.train_clip import run_train_clip
+from pipeline.stages.train_clip import plan_train_clip, run_train_clip
 
-main = job_main("train_clip", run_train_clip)
+main = job_main("train_clip", run_train_clip, plan=plan_train_clip)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -13,7 +13,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -649,6 +649,19 @@ class SweepConfig(Section):
 
 
 # ---------------------------------------------------------------- the whole run
+PipelineStage = Literal["ingest", "recaption", "embed", "corpus", "finetune-text", "embed-finetuned", "train-clip", "evaluate", "sweep"]
+PIPELINE_STAGES: tuple[str, ...] = get_args(PipelineStage)
+
+
+class PipelineJobConfig(Section):
+    """`jobs.pipeline`: every stage in order as one resumable job."""
+
+    from_stage: PipelineStage | None = Field(None, description="start at this stage (--from); the outputs of the stages "
+                                             "before it must exist")
+    until_stage: PipelineStage | None = Field(None, description="stop after this stage (--until)")
+    sweep: bool = Field(False, description="also run the sweep, last, on train-clip's model")
+
+
 class PipelineConfig(Section):
     run_dir: PathOrUri = Field(description="project-local folder for runs, logs and prepared models")
     store: StoreConfig
@@ -665,6 +678,7 @@ class PipelineConfig(Section):
     train_clip: TrainClipConfig = Field(default_factory=TrainClipConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    pipeline: PipelineJobConfig = Field(default_factory=PipelineJobConfig)
 
     @model_validator(mode="after")
     def _sweep_values(self) -> PipelineConfig:

@@ -118,7 +118,6 @@ class EvalReport:
         (out / "plots").mkdir(parents=True, exist_ok=True)
         files = {"results.md": out / "results.md", "results.json": out / "results.json"}
         files["results.md"].write_text(self.to_markdown())
-        files["results.json"].write_text(json.dumps(self.to_json(), indent=2))
         for name, fig in self.figures().items():
             path = out / "plots" / f"{name}.png"
             fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -126,6 +125,10 @@ class EvalReport:
             import matplotlib.pyplot as plt
 
             plt.close(fig)
+        # results.json last, moved into place whole: its presence means the report is complete.
+        tmp = out / ".tmp-results.json"
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        tmp.replace(files["results.json"])
         return files
 
     # ------------------------------------------------------------ plots

@@ -16,7 +16,9 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import everyday
+from pipeline.captioning import configured_caption_version
 from pipeline.config import PipelineConfig, SamplingConfig, config_to_dict
+from pipeline.plans import StagePlan
 from pipeline.stages import tracking
 from pipeline.stages.ingest import caption_rows
 from pipeline.stages.recaption import run_recaption
@@ -58,6 +60,39 @@ def corpus_versions(cfg: PipelineConfig, name: str) -> dict[str, str]:
         raise ValueError(f"corpus {name!r} has not been built in {cfg.store.uri}: run python -m jobs.corpus first") from None
 
 
+def corpus_steps(cfg: PipelineConfig) -> list[tuple[str, PipelineConfig]]:
+    """(role, the recaption config that writes it) in order; each reads the one before it."""
+    cc = cfg.corpus
+    versions = {"seed": f"{cc.name}.seed"}
+    steps = []
+    for role, (source, prompt, max_tokens) in ROLES.items():
+        sampling = SamplingConfig(max_tokens=max_tokens, temperature=cc.temperature, seed=cc.seed)
+        recaption = cfg.recaption.model_copy(update={
+            "mode": "text", "model": cc.model, "dataset": cc.name, "text_source": versions[source],
+            "prompt": prompt, "source": "paraphrase" if role == "paraphrase" else ("original" if role == "short" else "dense"),
+            "sampling": sampling, "limit_images": None,
+        })
+        step_cfg = cfg.model_copy(update={"recaption": recaption})
+        versions[role] = configured_caption_version(step_cfg)
+        steps.append((role, step_cfg))
+    return steps
+
+
+def plan_corpus(cfg: PipelineConfig) -> StagePlan:
+    """Skipped when the corpus record names the versions this config writes, for as many items."""
+    cc = cfg.corpus
+    wanted = {"seed": f"{cc.name}.seed"} | {role: configured_caption_version(c) for role, c in corpus_steps(cfg)}
+    fs, path = _record_path(cfg, cc.name)
+    try:
+        with fs.open_input_stream(path) as f:
+            record = json.loads(f.read())
+    except FileNotFoundError:
+        record = {}
+    if record.get("versions") == wanted and record.get("items") == cc.num_items:
+        return StagePlan("corpus", cc.name, True, f"corpus {cc.name} built: {cc.num_items} items, {len(wanted)} caption versions")
+    return StagePlan("corpus", cc.name, False, f"corpus {cc.name} {'differs from this config' if record else 'not built yet'}")
+
+
 def run_corpus(cfg: PipelineConfig, tracker: tracking.Tracker) -> CorpusResult:
     cc = cfg.corpus
     seed_version = f"{cc.name}.seed"
@@ -68,14 +103,7 @@ def run_corpus(cfg: PipelineConfig, tracker: tracking.Tracker) -> CorpusResult:
                     {"stage": "corpus", "corpus": cc.name, "seed": cc.seed, "mlflow_run_id": tracker.run_id})
     result = CorpusResult(name=cc.name, items=len(items), versions={"seed": seed_version})
     child_mlflow = cfg.mlflow.model_copy(update={"parent_run_id": tracker.run_id}) if tracker.enabled else cfg.mlflow
-    for role, (source, prompt, max_tokens) in ROLES.items():
-        sampling = SamplingConfig(max_tokens=max_tokens, temperature=cc.temperature, seed=cc.seed)
-        recaption = cfg.recaption.model_copy(update={
-            "mode": "text", "model": cc.model, "dataset": cc.name, "text_source": result.versions[source],
-            "prompt": prompt, "source": "paraphrase" if role == "paraphrase" else ("original" if role == "short" else "dense"),
-            "sampling": sampling, "limit_images": None,
-        })
-        step_cfg = cfg.model_copy(update={"recaption": recaption})
+    for role, step_cfg in corpus_steps(cfg):
         with tracking.start_run(child_mlflow, "recaption", config_to_dict(step_cfg), run_name=f"corpus/{role}") as child:
             out = run_recaption(step_cfg, child)
         result.versions[role] = out.caption_version

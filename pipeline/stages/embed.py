@@ -23,6 +23,7 @@ from pipeline.caption_pairs import PROTOCOLS, caption_pairs
 from pipeline.config import EmbedConfig, PipelineConfig
 from pipeline.hardware import resolve_precision
 from pipeline.metrics import caption_retrieval_accuracy
+from pipeline.plans import StagePlan, not_ready
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store, reject_row, utc_now
 from pipeline.text_encoder import TextEncoder
@@ -133,6 +134,37 @@ def resolve_encoder(cfg: PipelineConfig) -> str:
     return ref
 
 
+def _version_embedded_before(cfg: PipelineConfig, ref: str, options: dict[str, Any]) -> str | None:
+    """The embedding version an earlier run of this encoder (same reference, same options)
+    wrote, from the store's lineage: naming it needs no model load."""
+    embeddings = Store(cfg.store.uri, "embeddings")
+    for version in embeddings.versions():
+        if any(c.lineage.get("encoder") == ref and c.lineage.get("encoder_options") == options for c in embeddings.commits(version)):
+            return version
+    return None
+
+
+def plan_embed(cfg: PipelineConfig, stage: str = "embed") -> StagePlan:
+    """Skipped when every caption of `embed.caption_versions` is embedded (or rejected) by the
+    encoder; a new encoder's version is its weights' hash, named when the stage runs."""
+    ecfg = cfg.embed
+    captions = Store(cfg.store.uri, "captions")
+    missing = [v for v in ecfg.caption_versions if not captions.commits(v)]
+    if missing:
+        return not_ready(stage, f"captions {', '.join(missing)}")
+    ref = ecfg.encoder or cfg.models.llm
+    version = _version_embedded_before(cfg, ref, encoder_kwargs(ecfg))
+    if version is None:
+        return StagePlan(stage, "", False, f"encoder {ref} has not embedded before")
+    wanted = {c for v in ecfg.caption_versions for c in captions.read(v, columns=["caption_id"]).column("caption_id").to_pylist()}
+    rejects = Store(cfg.store.uri, "rejects")
+    rejected = set(rejects.read(f"embed.{version}", columns=["record_id"]).column("record_id").to_pylist()) if rejects.commits(f"embed.{version}") else set()
+    todo = len(wanted - {k[0] for k in Store(cfg.store.uri, "embeddings").keys(version)} - rejected)
+    if todo == 0:
+        return StagePlan(stage, version, True, f"all {len(wanted)} captions of {', '.join(ecfg.caption_versions)} embedded")
+    return StagePlan(stage, version, False, f"{todo} of {len(wanted)} captions to embed")
+
+
 def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     ecfg = cfg.embed
     use_gpu = ecfg.gpus_per_actor > 0
@@ -156,6 +188,7 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
         "inputs": [{"store": "captions", "version": v, "commits": [c.commit_id for c in captions.commits(v)]} for v in ecfg.caption_versions],
         "encoder": result.encoder,
         "encoder_path": path,
+        "encoder_options": options,
         "encoder_version": version,
         "dim": dim,
         "config": ecfg.model_dump(mode="json"),

@@ -31,6 +31,7 @@ from pipeline.config import EvalModel, EvalSet, PipelineConfig
 from pipeline.cra_sets import dataset_pairs, named_pairs
 from pipeline.eval_report import EvalReport, ModelRow, Problem, SetResult
 from pipeline.hardware import resolve_precision
+from pipeline.plans import StagePlan
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store
 from pipeline.versioning import stable_hash
@@ -511,13 +512,31 @@ def score_model(spec: ModelSpec, views: Views, results: dict[str, SetResult], re
 
 
 # ----------------------------------------------------------------- driver
+def report_dir(cfg: PipelineConfig) -> Path:
+    """Where the report of these models on these sets goes: named by them."""
+    ecfg = cfg.evaluate
+    key = stable_hash({"models": [m.model_dump() for m in ecfg.models], "sets": [s.model_dump() for s in ecfg.sets],
+                       "cra": ecfg.cra_sets}, 10)
+    return Path(ecfg.output_dir or Path(cfg.run_dir) / "evaluate") / f"eval-{key}"
+
+
+def plan_evaluate(cfg: PipelineConfig) -> StagePlan:
+    """Skipped when the report of these models on these sets exists (results.json is written last)."""
+    out = report_dir(cfg)
+    if (out / DONE_FILE).is_file():
+        return StagePlan("evaluate", str(out), True, "report of these models on these sets exists")
+    return StagePlan("evaluate", str(out), False, f"{len(cfg.evaluate.models)} models on {len(cfg.evaluate.sets)} sets "
+                     f"+ {len(cfg.evaluate.cra_sets)} CRA sets")
+
+
+DONE_FILE = "results.json"
+
+
 def run_evaluate(cfg: PipelineConfig, tracker: Tracker) -> EvaluateResult:
     ecfg = cfg.evaluate
     start = time.perf_counter()
     templates = read_templates(ecfg.templates)
-    key = stable_hash({"models": [m.model_dump() for m in ecfg.models], "sets": [s.model_dump() for s in ecfg.sets],
-                       "cra": ecfg.cra_sets}, 10)
-    out_dir = Path(ecfg.output_dir or Path(cfg.run_dir) / "evaluate") / f"eval-{key}"
+    out_dir = report_dir(cfg)
     views = build_views(cfg, out_dir / "listings")
     specs = resolve_models(cfg)
     template_source = str(ecfg.templates or DEFAULT_TEMPLATES.relative_to(REPO))

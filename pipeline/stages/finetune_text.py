@@ -21,7 +21,7 @@ import random
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,13 +30,15 @@ import ray
 
 from pipeline.caption_pairs import version_pairs
 from pipeline.config import FinetuneTextConfig, PipelineConfig
+from pipeline.captioning import model_fingerprint
 from pipeline.cra_sets import builtin_pairs, dataset_pairs
 from pipeline.metrics import pairs_cra
+from pipeline.plans import StagePlan, not_ready, read_result, write_result
 from pipeline.stages.corpus import corpus_versions
 from pipeline.stages.ingest import assign_split
 from pipeline.stages.tracking import Tracker
 from pipeline.stages.trainer import EXPORT, StepOutput, TrainPlan, TrainTask, WorkerContext, fit, full_state, storage_path
-from pipeline.store import Store
+from pipeline.store import Store, StoreError
 from pipeline.training import TrainState, unseen_batches
 from pipeline.versioning import code_version, rows_digest, stable_hash
 
@@ -62,10 +64,12 @@ class FinetuneResult:
     cra_after: dict[str, Any] = field(default_factory=dict)
     cra_baseline: dict[str, Any] = field(default_factory=dict)
     mlflow_url: str | None = None
+    reused: bool = False  # finished by an earlier run: this one did nothing
 
     def summary(self) -> dict[str, Any]:
         return {
             "stage": "finetune-text",
+            "finished before (nothing done)": self.reused,
             "base model": self.base_model,
             "run name (resume key)": self.run_name,
             "training pairs": self.train_pairs,
@@ -217,6 +221,22 @@ def _evaluate_encoder(kind: str, path: str, sets: dict, options: dict, precision
     return evaluate(lambda t: encoder.encode(t, batch_size=32), sets)
 
 
+def cached_cra(cache_dir: Path, kind: str, path: str, sets: dict, options: dict, precision: str, resources: dict) -> dict[str, float]:
+    """CRA of a model that training does not change (the base model, MiniLM): computed once per
+    model, sets and options, then read from `cache_dir`."""
+    key = stable_hash({"kind": kind, "model": model_fingerprint(path) if path else kind, "sets": sets, "options": options,
+                       "precision": precision}, 16)
+    file = cache_dir / f"{kind}-{key}.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    scores = ray.get(_evaluate_encoder.options(**resources).remote(kind, path, sets, options, precision))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".tmp-{file.name}")
+    tmp.write_text(json.dumps(scores))
+    tmp.replace(file)
+    return scores
+
+
 # ----------------------------------------------------------------- training
 @dataclass
 class FinetuneTask(TrainTask):
@@ -291,13 +311,42 @@ def run_name_for(cfg: PipelineConfig, base: str, pairs: pa.Table) -> str:
     return "finetune-text-" + stable_hash({"base": base, "recipe": ft.recipe(), "pairs": rows_digest(pairs)}, 10)
 
 
+def plan_finetune_text(cfg: PipelineConfig) -> StagePlan:
+    """Skipped when the run these pairs and this recipe name has finished (its result is saved)."""
+    ft = cfg.finetune_text
+    try:
+        pairs, _ = training_pairs(cfg)
+    except (ValueError, StoreError) as e:
+        return not_ready("finetune-text", str(e).split(";")[0])
+    run_name = ft.run_name or run_name_for(cfg, ft.base_model or cfg.models.llm, pairs)
+    done = read_result(storage_path(ft.settings(), cfg.run_dir), run_name)
+    if done:
+        return StagePlan("finetune-text", run_name, True, f"finished: encoder {done['encoder_version']} at step {done['steps']}")
+    return StagePlan("finetune-text", run_name, False, f"{pairs.num_rows} training pairs, {ft.max_steps or ft.epochs} "
+                     f"{'steps' if ft.max_steps else 'epochs'} (resumes from its last checkpoint, if any)")
+
+
+def finished_result(cfg: PipelineConfig) -> FinetuneResult | None:
+    """The saved result of the run this config names, if it has finished."""
+    ft = cfg.finetune_text
+    run_name = ft.run_name or run_name_for(cfg, ft.base_model or cfg.models.llm, training_pairs(cfg)[0])
+    done = read_result(storage_path(ft.settings(), cfg.run_dir), run_name)
+    return FinetuneResult(**{**done, "reused": True}) if done else None
+
+
 def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
     ft = cfg.finetune_text
     base = ft.base_model or cfg.models.llm
     start = time.perf_counter()
     pairs, held_out = training_pairs(cfg)
-    sets = cra_sets(cfg, held_out)
     run_name = ft.run_name or run_name_for(cfg, base, pairs)
+    storage = storage_path(ft.settings(), cfg.run_dir)
+    done = read_result(storage, run_name)
+    if done:  # a finished run does nothing: no training, merge, evaluation or registry version
+        log.info("finetune-text %s finished before: encoder %s", run_name, done["encoder_version"])
+        tracker.set_tags({"llm2clip.run_name": run_name, "llm2clip.finished_before": "true"})
+        return FinetuneResult(**{**done, "reused": True})
+    sets = cra_sets(cfg, held_out)
     result = FinetuneResult(base_model=base, run_name=run_name, train_pairs=pairs.num_rows)
     global_batch = ft.batch_size_per_worker * ft.num_workers
     steps_per_epoch = pairs.num_rows // global_batch
@@ -312,11 +361,11 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
     eval_opts = {"pooling": ft.pooling, "bidirectional": ft.bidirectional, "max_length": ft.encoder_max_length}
     res = {"num_gpus": 1 if ft.use_gpu else 0, "num_cpus": ft.cpus_per_worker}
     precision = "bf16" if ft.precision == "bf16" else "fp32"
-    result.cra_before = ray.get(_evaluate_encoder.options(**res).remote("llm", base, sets, eval_opts, precision))
+    cache = Path(cfg.run_dir) / "cache" / "cra"
+    result.cra_before = cached_cra(cache, "llm", base, sets, eval_opts, precision, res)
     if ft.baseline:
-        result.cra_baseline = ray.get(_evaluate_encoder.options(num_cpus=1).remote("minilm", "", sets, {}, "fp32"))
+        result.cra_baseline = cached_cra(cache, "minilm", "", sets, {}, "fp32", {"num_cpus": 1})
 
-    storage = storage_path(ft.settings(), cfg.run_dir)
     plan = TrainPlan(
         run_name=run_name, total_steps=total, num_samples=pairs.num_rows, micro_batch=ft.batch_size_per_worker,
         precision=ft.precision, seed=ft.seed, trainer=ft.settings(), optimizer=ft.optimizer(),
@@ -353,10 +402,14 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
                 client.get_registered_model(ft.register_as)
             except mlflow.exceptions.MlflowException:
                 client.create_registered_model(ft.register_as, description="LLM2CLIP stage-1 caption encoders (merged LoRA)")
-            mv = client.create_model_version(ft.register_as, source=tracker.artifact_uri("encoder"), run_id=tracker.run_id,
-                                             tags={"encoder_version": version, "base_model": base})
+            # The same encoder is never registered twice (a re-run killed after registering).
+            same = [v for v in client.search_model_versions(f"name='{ft.register_as}'") if v.tags.get("encoder_version") == version]
+            mv = same[0] if same else client.create_model_version(
+                ft.register_as, source=tracker.artifact_uri("encoder"), run_id=tracker.run_id,
+                tags={"encoder_version": version, "base_model": base})
             result.registered = f"{ft.register_as} v{mv.version}"
             result.model_uri = f"models:/{ft.register_as}/{mv.version}"
     tracker.log_dict(result.summary(), "finetune/summary.json")
     result.mlflow_url = tracker.url
+    write_result(storage, run_name, asdict(result))
     return result

@@ -27,6 +27,7 @@ from pipeline.images import (
     read_image_bytes,
 )
 from pipeline.listing import read_listing
+from pipeline.plans import StagePlan
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store, reject_row, utc_now
 from pipeline.versioning import code_version, stable_hash
@@ -129,6 +130,19 @@ def resolve_source(cfg: PipelineConfig) -> str:
     if cfg.ingest.source == "embedded":
         return str(write_embedded_dataset(Path(cfg.run_dir) / "datasets", cfg.embedded))
     return cfg.ingest.source
+
+
+def plan_ingest(cfg: PipelineConfig) -> StagePlan:
+    """Skipped when the manifest version already holds a commit of this very listing (same
+    bytes); a folder source is listed anew each time (its new images are the point)."""
+    dataset = cfg.ingest.dataset
+    listing = resolve_source(cfg)
+    sha = _file_sha256(listing)
+    commits = Store(cfg.store.uri, "manifest").commits(dataset)
+    if sha and any(i.get("sha256") == sha for c in commits for i in c.lineage.get("inputs", [])):
+        return StagePlan("ingest", dataset, True, f"manifest {dataset} already holds listing {Path(listing).name} (sha256 {sha[:12]})")
+    why = "a folder source is listed each run" if sha is None else f"listing {Path(listing).name} not ingested yet"
+    return StagePlan("ingest", dataset, False, why)
 
 
 def run_ingest(cfg: PipelineConfig, tracker: Tracker) -> IngestResult:

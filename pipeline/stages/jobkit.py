@@ -17,15 +17,18 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, config_to_dict, load_config
+from pipeline.plans import StagePlan
 from pipeline.stages import runtime, tracking
 
 StageFn = Callable[[PipelineConfig, tracking.Tracker], Any]
 
 
 StatusFn = Callable[[PipelineConfig], int]
+PlanFn = Callable[[PipelineConfig], "StagePlan | int"]
 
 
-def parse_args(stage: str, argv: list[str] | None, status: StatusFn | None = None, epilog: str | None = None) -> argparse.Namespace:
+def parse_args(stage: str, argv: list[str] | None, status: StatusFn | None = None, epilog: str | None = None,
+               plan: PlanFn | None = None, flags: dict[str, tuple[str, str]] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=f"llm2clip-pipeline: {stage} job", epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file (e.g. configs/local.yaml)")
@@ -37,19 +40,30 @@ def parse_args(stage: str, argv: list[str] | None, status: StatusFn | None = Non
     parser.add_argument("--summary-json", metavar="PATH", help="also write the job's summary as JSON to PATH (for scripts)")
     if status is not None:
         parser.add_argument("--status", action="store_true", help=f"print the last {stage}'s record; exit 0 if it succeeded, else 1")
-    return parser.parse_args(argv)
+    if plan is not None:
+        parser.add_argument("--dry-run", action="store_true", help="print what would run, what is skipped and why; run nothing")
+    for flag, (key, text) in (flags or {}).items():
+        parser.add_argument(flag, metavar="STAGE", help=f"{text} (sets {key})")
+    args = parser.parse_args(argv)
+    # A flag is a short form of --set KEY=VALUE: the config validates it like any other value.
+    args.overrides += [f"{key}={getattr(args, flag.lstrip('-').replace('-', '_'))}" for flag, (key, _) in (flags or {}).items()
+                       if getattr(args, flag.lstrip('-').replace('-', '_')) is not None]
+    return args
 
 
 RunKeyFn = Callable[[PipelineConfig], str]
 
 
 def job_main(stage: str, run: StageFn, status: StatusFn | None = None, epilog: str | None = None,
-             run_key: RunKeyFn | None = None) -> Callable[[list[str] | None], int]:
+             run_key: RunKeyFn | None = None, plan: PlanFn | None = None,
+             flags: dict[str, tuple[str, str]] | None = None) -> Callable[[list[str] | None], int]:
     """`run_key`: a resumable job's identity (computed once Ray is up); a re-run with the same
-    key reopens the job's MLflow run instead of starting another."""
+    key reopens the job's MLflow run instead of starting another. `plan`: what `--dry-run`
+    prints (a stage's plan, or a function that prints and returns the exit code). `flags`:
+    extra options, each a short form of `--set KEY=VALUE` ({"--from": (KEY, help)})."""
     def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        args = parse_args(stage, argv, status, epilog)
+        args = parse_args(stage, argv, status, epilog, plan, flags)
         try:
             cfg = load_config(args.config, args.overrides)
         except ConfigError as e:
@@ -60,6 +74,12 @@ def job_main(stage: str, run: StageFn, status: StatusFn | None = None, epilog: s
             return 0
         if getattr(args, "status", False):
             return status(cfg)
+        if getattr(args, "dry_run", False):
+            shown = plan(cfg)
+            if isinstance(shown, StagePlan):
+                print(shown.line())
+                return 0
+            return shown
         start = time.time()
         address = runtime.connect(cfg.ray, cfg.run_dir)
         config_text = Path(args.config).read_text() + "".join(f"# --set {o}\n" for o in args.overrides)

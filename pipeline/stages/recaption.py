@@ -37,6 +37,7 @@ from pipeline.stages.captioner import CaptionRequest, Captioner
 from pipeline.hardware import resolve_precision
 from pipeline.images import inspect_image, read_ingested_bytes, to_rgb
 from pipeline.stages.ingest import caption_rows
+from pipeline.plans import StagePlan
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store, reject_row, utc_now
 from pipeline.versioning import code_version
@@ -219,6 +220,22 @@ def select_images(cfg: PipelineConfig, version: str) -> tuple[pa.Table, int, int
     if rc.limit_images is not None and todo.num_rows > rc.limit_images:
         todo = todo.slice(0, rc.limit_images)
     return todo, items.num_rows, skipped, skipped_rejected
+
+
+def plan_recaption(cfg: PipelineConfig, stage: str = "recaption") -> StagePlan:
+    """Skipped when every item of its dataset (or text source) has the caption version, or was
+    rejected before; the version itself comes from the config and the model's fingerprint."""
+    version = caption_version(cfg.recaption, recaption_model(cfg))
+    dataset = cfg.recaption.dataset or cfg.ingest.dataset
+    manifest = Store(cfg.store.uri, "manifest")
+    if cfg.recaption.mode == "image" and not manifest.commits(dataset):
+        return StagePlan(stage, version, False, f"inputs not written yet (manifest {dataset})")
+    if cfg.recaption.mode == "text" and not Store(cfg.store.uri, "captions").commits(cfg.recaption.text_source):
+        return StagePlan(stage, version, False, f"inputs not written yet (captions {cfg.recaption.text_source})")
+    todo, items, skipped, rejected_before = select_images(cfg, version)
+    if todo.num_rows == 0 and items:
+        return StagePlan(stage, version, True, f"all {items} items of {dataset} done ({rejected_before} rejected before)")
+    return StagePlan(stage, version, False, f"{todo.num_rows} of {items} items of {dataset} to caption")
 
 
 def run_recaption(cfg: PipelineConfig, tracker: Tracker) -> RecaptionResult:

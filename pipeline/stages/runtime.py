@@ -9,6 +9,7 @@ from pathlib import Path
 import ray
 
 from pipeline.config import RayConfig
+from pipeline.faults import fault_env
 
 
 def read_cluster_env(run_dir: str) -> dict[str, str]:
@@ -53,7 +54,7 @@ def connect(cfg: RayConfig, run_dir: str) -> str:
     if cfg.address == "local":
         return _start_local(cfg)
     if cfg.address != "auto":
-        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=True)
+        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=True, runtime_env=_drill_env())
         return cfg.address
     if "RAY_ADDRESS" not in os.environ:
         # Join the project's local cluster if it is up; its env carries the auth token path.
@@ -65,9 +66,15 @@ def connect(cfg: RayConfig, run_dir: str) -> str:
         # ray.init retries a dead GCS for minutes; a quick probe fails fast instead.
         if not _reachable(address):
             raise ConnectionError(f"RAY_ADDRESS={address} does not answer; start the cluster (cluster/local.sh up) or unset RAY_ADDRESS")
-        ray.init(address=address, namespace=cfg.namespace)
+        ray.init(address=address, namespace=cfg.namespace, runtime_env=_drill_env())
         return address
     return _start_local(cfg)
+
+
+def _drill_env() -> dict | None:
+    """Armed fault-drill crash points reach the job's workers and actors too."""
+    env = fault_env()
+    return {"env_vars": env} if env else None
 
 
 def _reachable(address: str, timeout: float = 2.0) -> bool:

@@ -20,6 +20,9 @@ from pipeline.config import MlflowConfig
 from pipeline.versioning import code_version
 
 _PARAM_MAX = 6000  # MLflow's param value limit is 6000 characters
+LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # the run tag that lists its tables for the UI
+# MLflow 3 opens an experiment in its GenAI view unless told it is a model-training one.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class Tracker:
@@ -79,9 +82,19 @@ class Tracker:
             self.client.log_text(self.run_id, text, artifact_file)
 
     def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
-        """A table (column -> values) MLflow's UI shows and compares across runs."""
-        if self.enabled:
-            self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
+        """A table (column -> values) MLflow's UI shows and compares across runs. Logging it
+        again replaces it (MlflowClient.log_table appends rows, which doubles a reopened
+        run's table), written in the format and with the run tag log_table uses."""
+        if not self.enabled:
+            return
+        import pandas as pd
+
+        self.client.log_text(self.run_id, pd.DataFrame(dict(data)).to_json(orient="split", index=False, date_format="iso"),
+                             artifact_file)
+        logged = json.loads(self.client.get_run(self.run_id).data.tags.get(LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": artifact_file, "type": "table"}
+        if entry not in logged:
+            self.client.set_tag(self.run_id, LOGGED_ARTIFACTS, json.dumps(logged + [entry]))
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         if self.enabled:
@@ -135,7 +148,9 @@ def start_run(
         return
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment, tags=EXPERIMENT_KIND)
+    if experiment and experiment.tags.get("mlflow.experimentKind") is None:
+        client.set_experiment_tag(experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     tags = {"mlflow.runName": run_name or stage, "llm2clip.stage": stage}
     tags.update({f"llm2clip.code.{k}": str(v) for k, v in code_version().items() if v})
     if cfg.parent_run_id:

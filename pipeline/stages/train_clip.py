@@ -25,7 +25,8 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from pipeline.clip_data import PAYLOAD, normalise_pixels, order_key, prepare_bat
 from pipeline.clip_model import LLM2CLIPConfig
 from pipeline.config import PipelineConfig, TrainClipConfig
 from pipeline.metrics import retrieval_recall
+from pipeline.plans import StagePlan, not_ready, read_result, write_result
 from pipeline.stages.tracking import Tracker
 from pipeline.stages.trainer import StepOutput, TrainPlan, TrainTask, WorkerContext, fit, full_state, storage_path
 from pipeline.store import Store, put_atomically, reject_row, resolve_filesystem, utc_now
@@ -47,6 +49,8 @@ from pipeline.text_encoder import ENCODER_VERSION_PREFIX
 from pipeline.training import TrainState, unseen_batches
 from pipeline.versioning import code_version, stable_hash
 from schemas import STORE_SCHEMAS
+
+log = logging.getLogger(__name__)
 
 NO_EMBEDDING = "no_caption_embedding"
 SAMPLES_META = "meta.json"
@@ -78,10 +82,12 @@ class TrainClipResult:
     model_uri: str | None = None
     registered: str | None = None
     mlflow_url: str | None = None
+    reused: bool = False  # finished by an earlier run: this one did nothing
 
     def summary(self) -> dict[str, Any]:
         return {
             "stage": "train-clip",
+            "finished before (nothing done)": self.reused,
             "run name (resume key)": self.run_name,
             "text tower": self.text_tower,
             "encoder_version (embedding store version)": self.encoder_version,
@@ -667,9 +673,44 @@ def prepare_run(cfg: PipelineConfig) -> ClipRun:
                    model_config_for(tc, source, vision), total)
 
 
+def planned_run_name(cfg: PipelineConfig) -> str | None:
+    """The run's name from the inputs alone, once its samples are joined (else None)."""
+    source, captions = text_source(cfg), CaptionPlan.of(cfg)
+    storage = storage_path(cfg.train_clip.settings(), cfg.run_dir)
+    fs, root = resolve_filesystem(f"{storage.rstrip('/')}/samples/{samples_key(cfg, source, captions)}")
+    meta = read_meta(fs, root)
+    return run_name_for(cfg, source, captions, meta["digest"]) if meta else None
+
+
+def plan_train_clip(cfg: PipelineConfig) -> StagePlan:
+    """Skipped when the run its inputs and recipe name has finished (its result is saved)."""
+    try:
+        name = planned_run_name(cfg)
+    except ValueError as e:
+        return not_ready("train-clip", str(e).split(";")[0])
+    if name is None:
+        return StagePlan("train-clip", "", False, "samples not joined yet: the run is named when it runs")
+    done = read_result(storage_path(cfg.train_clip.settings(), cfg.run_dir), name)
+    if done:
+        return StagePlan("train-clip", name, True, f"finished: {done['model_path']} at step {done['steps']}")
+    return StagePlan("train-clip", name, False, "trains (resumes from its last checkpoint, if any)")
+
+
+def finished_result(cfg: PipelineConfig) -> TrainClipResult | None:
+    """The saved result of the run this config names, if it has finished."""
+    name = planned_run_name(cfg)
+    done = read_result(storage_path(cfg.train_clip.settings(), cfg.run_dir), name) if name else None
+    return TrainClipResult(**{**done, "reused": True}) if done else None
+
+
 def run_train_clip(cfg: PipelineConfig, tracker: Tracker) -> TrainClipResult:
     tc = cfg.train_clip
     start = time.perf_counter()
+    done = finished_result(cfg)
+    if done:  # a finished run does nothing: no data, training, saving or registry version
+        log.info("train-clip %s finished before: %s", done.run_name, done.model_path)
+        tracker.set_tags({"llm2clip.run_name": done.run_name, "llm2clip.finished_before": "true"})
+        return done
     run = prepare_run(cfg)
     source, data, named, storage = run.source, run.data, run.captions.named, run.storage
     vision, clip_text, model_config, global_batch = run.vision, run.clip_text, run.model_config, tc.global_batch_size
@@ -712,6 +753,7 @@ def run_train_clip(cfg: PipelineConfig, tracker: Tracker) -> TrainClipResult:
             result.registered, result.model_uri = _register(cfg, tracker, lineage)
     tracker.log_dict(result.summary(), "train_clip/summary.json")
     result.mlflow_url = tracker.url
+    write_result(storage, result.run_name, asdict(result))
     return result
 
 
@@ -743,7 +785,10 @@ def _register(cfg: PipelineConfig, tracker: Tracker, lineage: dict[str, Any]) ->
         client.create_registered_model(tc.register_as, description="LLM2CLIP models: vision tower + text adapter (train-clip)")
     tags = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in lineage.items()
             if k in ("manifest", "embeddings", "encoder_version", "caption_versions", "vision_model", "run_name", "samples_digest")}
-    mv = client.create_model_version(tc.register_as, source=tracker.artifact_uri("model"), run_id=tracker.run_id, tags=tags)
+    # One version per run: a re-run killed after registering reuses it.
+    same = [v for v in client.search_model_versions(f"name='{tc.register_as}'") if v.tags.get("run_name") == tags["run_name"]]
+    mv = same[0] if same else client.create_model_version(tc.register_as, source=tracker.artifact_uri("model"), run_id=tracker.run_id,
+                                                          tags=tags)
     if tc.register_alias:
         client.set_registered_model_alias(tc.register_as, tc.register_alias, mv.version)
     return f"{tc.register_as} v{mv.version}", f"models:/{tc.register_as}/{mv.version}"
