@@ -1,6 +1,6 @@
 # llm2clip-pipeline: every target does its own set-up, idempotently.
-#   make demo    run the pipeline's stages on the embedded default (local Ray + MLflow):
-#                refresh (ingest -> recaption -> embed), corpus, finetune-text, embed again, train-clip, evaluate
+#   make demo    run the whole pipeline (jobs.pipeline) on the embedded default (local Ray + MLflow):
+#                ingest, recaption, embed, corpus, finetune-text, embed-finetuned, train-clip, evaluate
 #   make test    run the test suite (starts its own local cluster on separate ports)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,7 +11,7 @@ export LLM2CLIP_RUN_DIR := $(abspath $(RUN_DIR))
 MODELS := $(LLM2CLIP_RUN_DIR)/models
 CONFIG ?= configs/local.yaml
 
-.PHONY: venv datasets models demo test bench cluster-up cluster-down cluster-status clean clean-runs
+.PHONY: venv datasets browser models demo test bench cluster-up cluster-down cluster-status clean clean-runs
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ datasets: $(FASHION_MNIST)
 $(FASHION_MNIST):
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
 
+# Debian's Chromium: tests/browser.py reviews MLflow's UI in it, headless, through Playwright
+# (whose own browser downloads cannot be fetched here).
+browser:
+	@command -v chromium >/dev/null || $(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
 models: $(MODELS)/.ready
 $(MODELS)/.ready: $(VENV)/.installed pipeline/model_zoo.py
 	$(PY) -m pipeline.model_zoo prepare --models-dir $(MODELS) --tiny
@@ -50,21 +55,14 @@ cluster-status:
 
 demo: models datasets cluster-up
 	@set -e; source $(LLM2CLIP_RUN_DIR)/cluster.env; \
-	$(PY) -m jobs.refresh --config $(CONFIG); \
-	$(PY) -m jobs.corpus --config $(CONFIG); \
-	$(PY) -m jobs.finetune_text --config $(CONFIG) --summary-json $(LLM2CLIP_RUN_DIR)/finetune_text.json; \
-	encoder=$$($(PY) -c "import json; print(json.load(open('$(LLM2CLIP_RUN_DIR)/finetune_text.json'))['MLflow model URI'])"); \
-	$(PY) -m jobs.embed --config $(CONFIG) --set embed.encoder=$$encoder; \
-	$(PY) -m jobs.train_clip --config $(CONFIG) --set train_clip.encoder=$$encoder --summary-json $(LLM2CLIP_RUN_DIR)/train_clip.json; \
-	model=$$($(PY) -c "import json; print(json.load(open('$(LLM2CLIP_RUN_DIR)/train_clip.json'))['MLflow model URI'])"); \
-	$(PY) -m jobs.evaluate --config $(CONFIG) --set "evaluate.models=[$(MODELS)/smollm2-135m-instruct, $$encoder, $$model]"; \
-	echo; echo "== demo finished: refresh (ingest -> recaption -> embed), corpus, finetune-text, embed with the fine-tuned encoder ($$encoder), train-clip ($$model), evaluate"; \
+	$(PY) -m jobs.pipeline --config $(CONFIG) --summary-json $(LLM2CLIP_RUN_DIR)/pipeline.json; \
+	echo; echo "== demo finished (run it again: finished stages are skipped)"; \
 	echo "stores:      $(LLM2CLIP_RUN_DIR)/store  (manifest, captions, embeddings, rejects)"; \
 	echo "models:      $(MODELS)"; \
-	echo "MLflow runs: $$MLFLOW_TRACKING_URI  (experiment llm2clip-local)"; \
-	echo "Ray:         $$RAY_DASHBOARD_ADDRESS  (stop both with: make cluster-down)"
+	echo "Ray:         $$RAY_DASHBOARD_ADDRESS  (stop Ray and MLflow with: make cluster-down)"; \
+	echo "MLflow:      $$($(PY) -c "import json; print(json.load(open('$(LLM2CLIP_RUN_DIR)/pipeline.json'))['mlflow run (parent)'])")"
 
-test: models datasets
+test: models datasets browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Speed benchmarks (ratios against a baseline in the same run); see bench/README.md.

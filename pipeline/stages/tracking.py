@@ -21,8 +21,33 @@ from pipeline.versioning import code_version
 
 _PARAM_MAX = 6000  # MLflow's param value limit is 6000 characters
 LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # the run tag that lists its tables for the UI
-# MLflow 3 opens an experiment in its GenAI view unless told it is a model-training one.
+# MLflow 3 opens an experiment in its GenAI view ("Traces 0, no data"). The experiment is
+# tagged as a model-training one, but MLflow 3.17's UI ignores that tag (its reader is behind
+# a flag hard-wired off); what works is the view named in the link, so every link we print
+# carries it.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+WORKFLOW_TYPE = "machine_learning"  # the UI's "Model training" view: runs table, run pages
+RUN_TABS = ("overview", "model-metrics", "system-metrics", "traces", "artifacts")
+
+
+def experiment_runs_url(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's runs table in the "Model training" view."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType={WORKFLOW_TYPE}"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str, tab: str | None = None, artifact: str | None = None) -> str:
+    """A run's page in the "Model training" view; `tab` one of RUN_TABS, or `artifact` (a path in
+    the run's artifacts) to open the artifact viewer on that file."""
+    from urllib.parse import quote
+
+    path = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    if artifact:
+        path += "/artifacts/" + quote(artifact.strip("/"), safe="/")
+    elif tab and tab != "overview":
+        if tab not in RUN_TABS:
+            raise ValueError(f"unknown run tab {tab!r}; one of {RUN_TABS}")
+        path += f"/{tab}"
+    return f"{path}?workflowType={WORKFLOW_TYPE}"
 
 
 class Tracker:
@@ -55,7 +80,7 @@ class Tracker:
         if not self.enabled or not (self.tracking_uri or "").startswith("http"):
             return None
         run = self.client.get_run(self.run_id)
-        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+        return run_url(self.tracking_uri, run.info.experiment_id, self.run_id)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.enabled and params:
