@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.faults import crash_point
 from schemas import STORE_KEYS, STORE_SCHEMAS, VECTOR_STORES
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -260,13 +261,19 @@ class Store:
         return pa.Table.from_arrays(columns, schema=schema)
 
     def gc(self, version: str) -> list[str]:
-        """Delete data folders that no commit record references (left by dead writers)."""
+        """Delete what dead writers left: data folders no commit record references, and
+        temporary commit records that were never moved into place."""
         committed = {c.commit_id for c in self.commits(version)}
         selector = pafs.FileSelector(f"{self.root}/{version}/data", allow_not_found=True)
         removed = []
         for info in self.fs.get_file_info(selector):
             if info.type == pafs.FileType.Directory and info.base_name not in committed:
                 self.fs.delete_dir(info.path)
+                removed.append(info.path)
+        records = pafs.FileSelector(f"{self.root}/{version}/_commits", allow_not_found=True)
+        for info in self.fs.get_file_info(records):
+            if info.type == pafs.FileType.File and info.base_name.startswith(".tmp-"):
+                self.fs.delete_file(info.path)
                 removed.append(info.path)
         return removed
 
@@ -312,6 +319,7 @@ class Transaction:
         path = f"{self.staging_dir}/part-{self._parts:05d}.parquet"
         pq.write_table(table, path, filesystem=self.store.fs, compression="zstd")
         self._parts += 1
+        crash_point("store.write.part_staged")
         return table.num_rows
 
     def commit(self, extra_lineage: dict[str, Any] | None = None) -> Commit | None:
@@ -350,8 +358,10 @@ class Transaction:
             created_at=utc_now().isoformat(),
             lineage={**self.lineage, **(extra_lineage or {})},
         )
+        crash_point("store.commit.before_record")
         # Writing the record is the commit point.
         put_atomically(fs, f"{version_dir}/_commits/{self.commit_id}.json", commit.to_json())
+        crash_point("store.commit.after_record")
         self._committed = True
         return commit
 
@@ -370,6 +380,7 @@ def put_atomically(fs: pafs.FileSystem, path: str, text: str) -> None:
     tmp = f"{folder}/.tmp-{name}"
     with fs.open_output_stream(tmp) as f:
         f.write(text.encode())
+    crash_point("store.put.before_move")  # a temporary record is left: invisible to readers, removed by gc
     fs.move(tmp, path)
 
 

@@ -21,6 +21,7 @@ import ray
 
 from pipeline.caption_pairs import PROTOCOLS, caption_pairs
 from pipeline.config import EmbedConfig, PipelineConfig
+from pipeline.faults import crash_point
 from pipeline.hardware import resolve_precision
 from pipeline.metrics import caption_retrieval_accuracy
 from pipeline.plans import StagePlan, not_ready
@@ -87,6 +88,7 @@ class EmbedCaptions:
         self.micro_batch_size = micro_batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        crash_point("embed.batch")
         texts = batch.column("text").to_pylist()
         max_len = self.encoder.options.max_length
         lengths = self.encoder.token_lengths([t or "" for t in texts])

@@ -31,6 +31,7 @@ from typing import Any
 import ray
 
 from pipeline.config import OptimizerSettings, TrainerSettings
+from pipeline.faults import crash_point
 from pipeline.training import TRAIN_STATE, TrainState, deepspeed_config, lr_factor
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,7 @@ class _Loop:
                 if exported:
                     save_file({k: v.contiguous() for k, v in exported.items()}, str(Path(tmp) / EXPORT))
             dist.barrier()
+            crash_point("train.checkpoint_saving")  # the state is written, Ray Train has not registered it
             metrics = {"step": state.step, "epoch": state.epoch, "loss": state.last_loss if state.last_loss is not None else float("nan"),
                        **state.evaluation}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -289,6 +291,7 @@ class _Loop:
                 state.step += 1
                 state.trained.add(out.sample_ids)
                 state.last_loss = out.loss
+                crash_point("train.step")
                 step_s = time.perf_counter() - t0
                 waited += wait
                 self._log_step(out, step_s, wait)

@@ -1,0 +1,222 @@
+"""`jobs.pipeline` end to end on a tiny config: one job, stages handing each other versions.
+
+One module fixture runs the pipeline as a user's cluster would see it go wrong: the driver is
+killed by a crash point between two stages (after embed), then SIGKILLed while train-clip
+trains (once a checkpoint is registered); the third run finishes, skipping what exists and
+resuming train-clip from its checkpoint. The stores are checked after every kill (every
+version readable, no key twice, nothing committed lost). A fourth run does nothing. The
+parent MLflow run is then reviewed in a real browser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.stages.pipeline import plan_pipeline
+from tests.conftest import MODELS_DIR, job_env, job_output, run_job_here, wait_for_checkpoint, write_config
+from tests.invariants import assert_kept, check_stores
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENT = "llm2clip-tests-pipeline"
+STAGES = ["ingest", "recaption", "embed", "corpus", "finetune-text", "embed-finetuned", "train-clip", "evaluate"]
+
+
+def _config(root: Path, cluster) -> Path:
+    smol = str(MODELS_DIR / "smollm2-135m-instruct")
+    return write_config(
+        root / "p.yaml", root / "store", cluster,
+        mlflow={"experiment": EXPERIMENT},
+        models={"dir": str(MODELS_DIR), "llm": str(MODELS_DIR / "tiny-llama"), "vision": str(MODELS_DIR / "tiny-clip-vision"),
+                "clip_text": str(MODELS_DIR / "tiny-clip-text")},
+        embedded={"num_scenes": 24, "image_size": 64, "paraphrases": 1},
+        recaption={"model": smol, "actors": 1, "batch_size": 32, "sampling": {"max_tokens": 16},
+                   "engine_env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}},
+        embed={"actors": 1, "batch_size": 64, "cra_split": None},
+        corpus={"name": "everyday", "num_items": 8, "model": smol},
+        finetune_text={"pairs": [{"first": "original", "second": "provided"}, {"corpus": "everyday"}], "num_workers": 2,
+                       "batch_size_per_worker": 2, "max_steps": 3, "checkpoint_every": 3, "precision": "fp32", "max_length": 48,
+                       "builtin_eval": [], "baseline": False, "register_as": "llm2clip-tests-pipeline-encoder", "eval_split": "test",
+                       "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        train_clip={"num_workers": 2, "cpus_per_worker": 0.5, "precision": "fp32", "embed_dim": 32, "global_batch_size": 8,
+                    "lr": 1.0e-3, "epochs": 4, "checkpoint_every": 2, "max_failures": 0, "register_as": "llm2clip-tests-pipeline-model",
+                    "register_alias": "candidate", "caption_weights": {"provided": 0.5, "original": 0.5}},
+        evaluate={"sets": [{"name": "heldout", "kind": "dataset", "split": "test"}], "cra_sets": ["everyday-pairs"],
+                  "minilm_baseline": False, "actors": 1},
+    )
+
+
+def _start(config: Path, cluster, log: str, **env) -> subprocess.Popen:
+    out = open(config.parent / log, "w")  # noqa: SIM115 - held by the child
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.pipeline", "--config", str(config), "--summary-json",
+                             str(config.parent / f"{log}.json")], cwd=REPO, env={**job_env(cluster), **env}, stdout=out,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log_path = Path(out.name)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, cluster, models):
+    """The pipeline killed twice, then finished: (config, final summary, the store keys after each kill, logs)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    config = _config(root, cluster)
+    dry = run_job_here("jobs.pipeline", config, cluster, "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+
+    # 1. a crash point kills the driver right after embed has finished
+    first = _start(config, cluster, "run1.log", LLM2CLIP_CRASH_AT="pipeline.after.embed")
+    assert first.wait(timeout=900) == -signal.SIGKILL, job_output(first, 10**8)
+    after_first = check_stores(str(root / "store"))
+
+    # 2. SIGKILL of the driver (and its job's processes) while train-clip trains
+    second = _start(config, cluster, "run2.log")
+    step = wait_for_checkpoint(root / "run" / "ray_results", "train-clip-", second, at_least=2, timeout=900)
+    os.killpg(second.pid, signal.SIGKILL)
+    second.wait(timeout=60)
+    time.sleep(3)  # the cluster notices the dead driver and frees its workers' CPUs
+    after_second = check_stores(str(root / "store"))
+
+    # 3. the re-run: finished stages skipped, train-clip resumed
+    third = _start(config, cluster, "run3.log")
+    assert third.wait(timeout=900) == 0, job_output(third, 10**8)
+    summary = json.loads((root / "run3.log.json").read_text())
+    return {"config": config, "root": root, "dry": dry.stdout, "summary": summary, "checkpoint_step": step,
+            "keys": [after_first, after_second], "logs": [job_output(p, 10**8) for p in (first, second, third)]}
+
+
+def test_dry_run_says_what_would_run(killed):
+    lines = [line.split() for line in killed["dry"].splitlines() if line.split() and line.split()[0] in STAGES]
+    assert [(parts[0], parts[1]) for parts in lines] == [(s, "run") for s in STAGES]
+
+
+def test_a_crash_between_stages_and_a_kill_in_train_clip_resume(killed):
+    summary, logs = killed["summary"], killed["logs"]
+    assert "crash point pipeline.after.embed" in logs[0]
+    assert "pipeline: corpus runs" not in logs[0]
+    # run 2 skipped what run 1 finished; run 3 skipped everything before train-clip
+    for stage in ("ingest", "recaption", "embed"):
+        assert f"pipeline: {stage} skipped" in logs[1], stage
+    stages = summary["stages"]
+    for stage in STAGES[:6]:
+        assert stages[stage].startswith("skipped"), (stage, stages[stage])
+    assert stages["train-clip"].startswith("ran") and stages["evaluate"].startswith("ran")
+    # train-clip's own summary: resumed from the checkpoint registered before the kill
+    model_path = Path(summary["outputs"]["model_path"])
+    result = json.loads((model_path.parent / "result.json").read_text())
+    assert result["resumed_from_step"] is not None and result["resumed_from_step"] >= killed["checkpoint_step"]
+    assert result["steps"] >= result["resumed_from_step"] and not result["reused"]
+
+
+def test_no_store_gains_a_duplicate_and_nothing_committed_is_lost(killed):
+    final = check_stores(str(killed["root"] / "store"))
+    for before in killed["keys"]:
+        assert_kept(before, final)
+    # the handed-over versions are the ones in the stores
+    out = killed["summary"]["outputs"]
+    assert ("embeddings", out["embeddings"]) in final and ("embeddings", out["finetuned_embeddings"]) in final
+    assert ("captions", out["captions"]) in final and ("manifest", out["manifest"]) in final
+
+
+def test_outputs_are_handed_over_as_versions_paths_and_uris(killed):
+    out = killed["summary"]["outputs"]
+    assert out["encoder_version"].startswith("enc-") and out["finetuned_embeddings"] == out["encoder_version"]
+    assert out["embeddings"].startswith("enc-") and out["embeddings"] != out["encoder_version"]
+    assert Path(out["encoder_path"]).is_dir() and Path(out["model_path"]).is_dir()
+    assert out["model_uri"].startswith("models:/llm2clip-tests-pipeline-model/")
+    assert (Path(out["report"]) / "results.json").is_file()
+
+
+def test_parent_run_holds_nested_stage_runs_and_the_lineage(killed, cluster):
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    url = killed["summary"]["mlflow run (parent)"]
+    parent_id = url.split("/runs/")[1].split("?")[0]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    # one nested run per stage that ran, the killed train-clip's reopened, not doubled
+    assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted(STAGES)
+    lineage = json.loads(Path(client.download_artifacts(parent_id, "lineage.json", str(killed["root"]))).read_text())
+    kinds = {n["kind"] for n in lineage["nodes"]}
+    assert {"manifest", "captions", "embeddings", "encoder", "llm2clip", "report"} <= kinds
+    out = killed["summary"]["outputs"]
+    produced_model = [e for e in lineage["edges"] if e["to"].startswith("llm2clip:")]
+    assert f"embeddings:{out['encoder_version']}" in {e["from"] for e in produced_model}
+    comparison = json.loads(Path(client.download_artifacts(parent_id, "comparison.json", str(killed["root"]))).read_text())
+    assert [row[0] for row in comparison["data"]] == ["llm (raw)", "llm (fine-tuned)", "llm2clip"]
+
+
+@pytest.fixture(scope="module")
+def rerun(killed, cluster):
+    """The finished pipeline run again: it must do nothing."""
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    versions = lambda name: sorted(v.version for v in client.search_model_versions(f"name='{name}'"))  # noqa: E731
+    before = {n: versions(n) for n in ("llm2clip-tests-pipeline-encoder", "llm2clip-tests-pipeline-model")}
+    out = run_job_here("jobs.pipeline", killed["config"], cluster, "--summary-json", str(killed["root"] / "run4.json"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    after = {n: versions(n) for n in before}
+    return before, after, json.loads((killed["root"] / "run4.json").read_text()), out.stdout
+
+
+def test_a_finished_pipeline_does_nothing_and_registers_nothing(rerun, killed, cluster):
+    before, after, summary, stdout = rerun
+    assert all(v.startswith("skipped") for v in summary["stages"].values()), summary["stages"]
+    assert before == after and all(after.values())  # registered once, by the run that trained
+    assert summary["outputs"] == killed["summary"]["outputs"]
+    assert summary["mlflow run (parent)"] == killed["summary"]["mlflow run (parent)"]  # the same parent run, reopened
+    assert "| llm2clip |" in stdout  # the comparison table is printed again
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    parent_id = summary["mlflow run (parent)"].split("/runs/")[1].split("?")[0]
+    comparison = json.loads(Path(client.download_artifacts(parent_id, "comparison.json", str(killed["root"] / "dl"))).read_text())
+    assert len(comparison["data"]) == 3  # replaced, not appended to
+
+
+def test_unrelated_data_in_the_stores_changes_no_plan(rerun, killed):
+    """Another dataset, an evaluation set and a foreign caption version join the stores: every
+    stage's plan (its output version and that it exists) stays as it was."""
+    import pyarrow as pa
+
+    from pipeline.stages.ingest import caption_rows
+    from pipeline.store import Store, utc_now
+    from schemas import STORE_SCHEMAS
+    from tests.conftest import ingest_in_process
+
+    config = killed["config"]
+    before = [(p.stage, p.output, p.exists) for p, _ in plan_pipeline(load_config(config))]
+    assert all(exists for _, _, exists in before)
+    ingest_in_process(config, "ingest.dataset=other", "embedded.seed=7", "embedded.num_scenes=6")
+    ingest_in_process(config, "ingest.dataset=eval-shapes", "embedded.seed=11", "embedded.num_scenes=4")
+    rows = caption_rows("some-item", ["a note about something else"], "notes", "original", utc_now())
+    Store(str(killed["root"] / "store"), "captions").append("notes", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["captions"]))
+    after = [(p.stage, p.output, p.exists) for p, _ in plan_pipeline(load_config(config))]
+    assert after == before
+
+
+def test_mlflow_review_in_a_real_browser(rerun, cluster, tmp_path):
+    """The parent run as a reviewer sees it in MLflow's UI (headless Chromium): it opens on its
+    runs, the stages are nested under it, the comparison table and a metric chart are shown."""
+    from tests.browser import review_parent_run
+
+    _, _, summary, _ = rerun
+    client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    parent_id = summary["mlflow run (parent)"].split("/runs/")[1].split("?")[0]
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    shots = Path(os.environ.get("LLM2CLIP_SCREENSHOTS", tmp_path))
+    (train,) = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.mlflow.runName = 'train-clip'")
+    seen = review_parent_run(cluster["MLFLOW_TRACKING_URI"], experiment_id, parent_id, shots, metrics_run_id=train.info.run_id)
+    assert seen.runs_view.workflow_type == "machine_learning" and seen.runs_view.heading == "Runs"
+    assert set(STAGES) <= set(seen.runs_expanded) and set(STAGES) <= set(seen.child_runs)
+    assert "comparison.json" in seen.artifacts and "lineage.json" in seen.artifacts
+    assert seen.table_rows and {"llm (raw)", "llm (fine-tuned)", "llm2clip"} <= {r[0] for r in seen.table_rows}
+    assert seen.metric_charts, "no metric chart drew a line"
+    assert all(p.is_file() and p.stat().st_size > 10_000 for p in seen.screenshots.values())
