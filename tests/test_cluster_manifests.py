@@ -381,7 +381,8 @@ def test_mlflow_server_runs_basic_auth_with_credentials_from_a_secret(mlflow_dep
     pod = mlflow_deployment["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     script = " ".join(c.get("command", []) + c.get("args", []))
-    assert re.search(r"mlflow server\b[^\n]*--app-name basic-auth", script.replace("\\\n", " ")), "mlflow server --app-name basic-auth"
+    script = script.replace("\\\n", " ")
+    assert re.search(r"mlflow server\b[^\n]*--app-name basic-auth", script), "mlflow server --app-name basic-auth"
     env = env_of(c)
     for key in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         assert env[key]["valueFrom"]["secretKeyRef"]["name"] == MLFLOW_SECRET, key
@@ -406,7 +407,8 @@ def test_every_ray_container_logs_to_that_mlflow_with_its_credentials(mlflow_dep
         assert env["MLFLOW_TRACKING_URI"]["value"] == f"http://{svc}.{NAMESPACE}.svc:{port}", where
         for client_key, admin_key in (("MLFLOW_TRACKING_USERNAME", "MLFLOW_AUTH_ADMIN_USERNAME"),
                                       ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD")):
-            assert env[client_key]["valueFrom"]["secretKeyRef"] == admin[admin_key]["valueFrom"]["secretKeyRef"], f"{where}: {client_key}"
+            client, server_side = env[client_key]["valueFrom"]["secretKeyRef"], admin[admin_key]["valueFrom"]["secretKeyRef"]
+            assert client == server_side, f"{where}: {client_key}"
         assert all(isinstance(e["value"], str) for e in env.values() if "value" in e), f"{where}: quote env values"
 
 
@@ -430,7 +432,8 @@ def test_storage_paths_are_named_consistently(launcher, launcher_env, mlflow_dep
         for c in pod["containers"]:
             env = env_of(c)
             if "LLM2CLIP_RUN_DIR" in env:
-                assert [env["LLM2CLIP_RUN_DIR"]["value"]] == claims.get("llm2clip-run", [None])[:1], f"{where}: run dir is not the mounted PVC"
+                mounted = claims.get("llm2clip-run", [None])[:1]
+                assert [env["LLM2CLIP_RUN_DIR"]["value"]] == mounted, f"{where}: run dir is not the mounted PVC"
                 run_dirs.add(env["LLM2CLIP_RUN_DIR"]["value"])
                 store_uris.add(env["LLM2CLIP_STORE_URI"]["value"])
                 hf_homes.add(env["HF_HOME"]["value"])
@@ -484,11 +487,13 @@ def runbook_job_commands() -> list[tuple[str, list[str]]]:
     text = (REPO / "runbook.md").read_text().replace("\\\n", " ")
     found = []
     for m in re.finditer(r"python -m jobs\.(\w+)([^\n`|]*)", text):
+        if m.group(1).isupper():  # a placeholder: jobs.NAME
+            continue
         rest = m.group(2)
         try:
             argv = shlex.split(rest)
-        except ValueError:
-            argv = rest.split()
+        except ValueError:  # the command sits inside a quoted string (ray exec '... python -m jobs.X ...')
+            argv = [a.strip("'\"") for a in rest.split()]
         found.append((m.group(1), argv))
     return found
 
