@@ -141,6 +141,9 @@ class EmbedConfig(Section):
         "default models.llm. A saved encoder's own options apply unless set below",
     )
     caption_versions: list[str] = Field(default_factory=lambda: ["original", "provided"], min_length=1)
+    dataset: str | None = Field(None, description="embed the captions of this manifest version's images (default ingest.dataset); "
+                                "captions other datasets add to the same caption versions (evaluation sets ingested into the "
+                                "stores) are left alone. Without that manifest version (a text-only store) every caption is embedded")
     pooling: Literal["mean", "weighted_mean", "last"] | None = None
     bidirectional: bool | None = None
     max_length: int | None = Field(None, ge=2, description="tokens; default 512 or the saved encoder's")

@@ -146,6 +146,20 @@ def _version_embedded_before(cfg: PipelineConfig, ref: str, options: dict[str, A
     return None
 
 
+def dataset_images(cfg: PipelineConfig) -> np.ndarray | None:
+    """The image ids whose captions embed reads: the manifest version's, or None (every caption)."""
+    manifest = Store(cfg.store.uri, "manifest")
+    dataset = cfg.embed.dataset or cfg.ingest.dataset
+    if not manifest.commits(dataset):
+        return None
+    return np.array(sorted(manifest.read(dataset, columns=["image_id"]).column("image_id").to_pylist()), dtype=object)
+
+
+def _of_images(batch: pa.Table, images: np.ndarray) -> pa.Table:
+    ids = batch.column("image_id").to_numpy(zero_copy_only=False)
+    return batch.filter(pa.array(np.isin(ids, images)))
+
+
 def plan_embed(cfg: PipelineConfig, stage: str = "embed") -> StagePlan:
     """Skipped when every caption of `embed.caption_versions` is embedded (or rejected) by the
     encoder; a new encoder's version is its weights' hash, named when the stage runs."""
@@ -158,7 +172,9 @@ def plan_embed(cfg: PipelineConfig, stage: str = "embed") -> StagePlan:
     version = _version_embedded_before(cfg, ref, encoder_kwargs(ecfg))
     if version is None:
         return StagePlan(stage, "", False, f"encoder {ref} has not embedded before")
-    wanted = {c for v in ecfg.caption_versions for c in captions.read(v, columns=["caption_id"]).column("caption_id").to_pylist()}
+    images = dataset_images(cfg)
+    read = [captions.read(v, columns=["caption_id", "image_id"]) for v in ecfg.caption_versions]
+    wanted = {c for t in read for c in (_of_images(t, images) if images is not None else t).column("caption_id").to_pylist()}
     rejects = Store(cfg.store.uri, "rejects")
     rejected = set(rejects.read(f"embed.{version}", columns=["record_id"]).column("record_id").to_pylist()) if rejects.commits(f"embed.{version}") else set()
     todo = len(wanted - {k[0] for k in Store(cfg.store.uri, "embeddings").keys(version)} - rejected)
@@ -185,9 +201,11 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     if missing:
         raise ValueError(f"caption versions {missing} do not exist in {cfg.store.uri}; have {captions.versions()}")
     existing = np.array(sorted(k[0] for k in embeddings.keys(version)), dtype=object)
+    images = dataset_images(cfg)
     lineage = {
         "stage": "embed",
-        "inputs": [{"store": "captions", "version": v, "commits": [c.commit_id for c in captions.commits(v)]} for v in ecfg.caption_versions],
+        "inputs": [{"store": "captions", "version": v, "commits": [c.commit_id for c in captions.commits(v)]} for v in ecfg.caption_versions]
+        + ([{"store": "manifest", "version": ecfg.dataset or cfg.ingest.dataset}] if images is not None else []),
         "encoder": result.encoder,
         "encoder_path": path,
         "encoder_options": options,
@@ -199,6 +217,8 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     }
     start = utc_now()
     ds = ray.data.read_parquet(files, filesystem=captions.fs, columns=["caption_id", "image_id", "text"])
+    if images is not None:
+        ds = ds.map_batches(_of_images, fn_kwargs={"images": images}, batch_format="pyarrow")
     result.input_rows = ds.count()
     todo = ds.map_batches(_not_in, fn_kwargs={"existing": existing}, batch_format="pyarrow") if len(existing) else ds
     # Small stores are one Parquet file = one block = one busy actor: split so every actor

@@ -712,6 +712,9 @@ def run_train_clip(cfg: PipelineConfig, tracker: Tracker) -> TrainClipResult:
         tracker.set_tags({"llm2clip.run_name": done.run_name, "llm2clip.finished_before": "true"})
         return done
     run = prepare_run(cfg)
+    done = read_result(run.storage, run.run_name)
+    if done:  # the samples were joined again (their inputs gained commits) but are the ones it trained on
+        return TrainClipResult(**{**done, "reused": True})
     source, data, named, storage = run.source, run.data, run.captions.named, run.storage
     vision, clip_text, model_config, global_batch = run.vision, run.clip_text, run.model_config, tc.global_batch_size
     result = TrainClipResult(run_name=run.run_name, text_tower=tc.text_tower, encoder_version=source.encoder_version, caption_versions=named,
