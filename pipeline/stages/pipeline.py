@@ -277,7 +277,8 @@ def run_pipeline(cfg: PipelineConfig, tracker: Tracker) -> PipelineResult:
     if h.report and (Path(h.report) / evaluate.DONE_FILE).is_file():
         rows = json.loads((Path(h.report) / evaluate.DONE_FILE).read_text())["rows"]
         if rows:
-            tracker.log_table({k: [r.get(k) for r in rows] for k in rows[0]}, "comparison.json")
+            # MLflow's table viewer reads a dot in a column name as a path into the row: cells stay empty
+            tracker.log_table({k.replace(".", " "): [r.get(k) for r in rows] for k in rows[0]}, "comparison.json")
     result.seconds = time.perf_counter() - start
     _log_lineage(tracker, cfg, result)
     if result.report_markdown:
