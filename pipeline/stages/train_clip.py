@@ -47,7 +47,7 @@ from pipeline.stages.trainer import StepOutput, TrainPlan, TrainTask, WorkerCont
 from pipeline.store import Store, put_atomically, reject_row, resolve_filesystem, utc_now
 from pipeline.text_encoder import ENCODER_VERSION_PREFIX
 from pipeline.training import TrainState, unseen_batches
-from pipeline.versioning import code_version, stable_hash
+from pipeline.versioning import code_version, rows_digest, stable_hash
 from schemas import STORE_SCHEMAS
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,9 @@ class CaptionPlan:
 
 def samples_key(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan) -> str:
     """Names the joined samples by what they are made of: the commits of the manifest version,
-    of each caption version read and of the embedding version, the versions that make a sample
-    usable, the splits and the seed. Other versions and datasets in the stores do not enter it."""
+    the caption rows of its images in each caption version read and their embeddings (by key),
+    the versions that make a sample usable, the splits and the seed. Other versions, and rows
+    other datasets add to the same versions (an evaluation set), do not enter it."""
     tc = cfg.train_clip
     stores = {n: Store(cfg.store.uri, n) for n in ("manifest", "captions", "embeddings")}
     dataset = tc.dataset or cfg.ingest.dataset
@@ -245,10 +246,18 @@ def samples_key(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan) 
     missing = [v for v in captions.versions if not stores["captions"].commits(v)]
     if missing:
         raise ValueError(f"train_clip: caption versions {missing} do not exist; have {stores['captions'].versions()}")
-    commits = {"manifest": [c.commit_id for c in stores["manifest"].commits(dataset)],
-               "captions": {v: [c.commit_id for c in stores["captions"].commits(v)] for v in captions.versions},
-               "embeddings": [c.commit_id for c in stores["embeddings"].commits(source.encoder_version)] if source.encoder_version else None}
-    return stable_hash({"commits": commits, "payload": PAYLOAD[source.tower], "trained": captions.trained, "evaluated": captions.evaluated,
+    images = pa.array(stores["manifest"].read(dataset, columns=["image_id"]).column("image_id"))
+
+    def rows_of(store: Store, version: str) -> str:
+        table = store.read(version, columns=["caption_id", "image_id"])
+        ids = table.filter(pc.is_in(table.column("image_id"), value_set=images)).column("caption_id")
+        return rows_digest(pa.table({"caption_id": pc.take(ids, pc.sort_indices(ids))}))
+
+    rows = {"manifest": [c.commit_id for c in stores["manifest"].commits(dataset)],
+            "captions": {v: rows_of(stores["captions"], v) for v in captions.versions},
+            "embeddings": rows_of(stores["embeddings"], source.encoder_version)
+            if source.encoder_version and stores["embeddings"].commits(source.encoder_version) else None}
+    return stable_hash({"rows": rows, "payload": PAYLOAD[source.tower], "trained": captions.trained, "evaluated": captions.evaluated,
                         "splits": [tc.train_split, tc.val_split], "seed": tc.seed}, 16)
 
 
