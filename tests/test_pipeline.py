@@ -43,8 +43,7 @@ def _config(root: Path, cluster) -> Path:
                    "model": smol, "actors": 1, "batch_size": 32, "sampling": {"max_tokens": 16},
                    "engine_env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}},
         embed={"actors": 1, "batch_size": 64, "cra_split": None},
-        corpus={"name": "everyday", "num_items": 8, "model": smol},
-        finetune_text={"pairs": [{"first": "original", "second": "provided"}, {"corpus": "everyday"}], "num_workers": 2,
+        finetune_text={"pairs": [{"first": "original", "second": "provided"}], "num_workers": 2,
                        "batch_size_per_worker": 2, "max_steps": 3, "checkpoint_every": 3, "precision": "fp32", "max_length": 48,
                        "builtin_eval": [], "baseline": False, "register_as": "llm2clip-tests-pipeline-encoder", "eval_split": "test",
                        "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
@@ -109,6 +108,7 @@ def test_a_crash_between_stages_and_a_kill_in_train_clip_resume(killed):
     stages = summary["stages"]
     for stage in STAGES[:6]:
         assert stages[stage].startswith("skipped"), (stage, stages[stage])
+    assert "pipeline: corpus skipped: not used" in logs[1]  # these pairs read no corpus (test_corpus builds one)
     assert stages["train-clip"].startswith("ran") and stages["evaluate"].startswith("ran")
     # train-clip's own summary: resumed from the checkpoint registered before the kill
     model_path = Path(summary["outputs"]["model_path"])

@@ -79,8 +79,11 @@ def corpus_steps(cfg: PipelineConfig) -> list[tuple[str, PipelineConfig]]:
 
 
 def plan_corpus(cfg: PipelineConfig) -> StagePlan:
-    """Skipped when the corpus record names the versions this config writes, for as many items."""
+    """Skipped when the corpus record names the versions this config writes, for as many items,
+    or when fine-tuning does not read it."""
     cc = cfg.corpus
+    if not any(p.corpus == cc.name for p in cfg.finetune_text.pairs):
+        return StagePlan("corpus", cc.name, True, f"not used: no finetune_text.pairs entry names corpus {cc.name}")
     wanted = {"seed": f"{cc.name}.seed"} | {role: configured_caption_version(c) for role, c in corpus_steps(cfg)}
     fs, path = _record_path(cfg, cc.name)
     try:

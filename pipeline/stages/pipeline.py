@@ -99,7 +99,8 @@ def _over_embed(cfg, plan, result, h):
 
 
 def _over_corpus(cfg, plan, result, h):
-    h.corpus = result.name if result else plan.output
+    used = any(p.corpus == cfg.corpus.name for p in cfg.finetune_text.pairs)
+    h.corpus = result.name if result else (plan.output if used else None)
 
 
 def _over_finetune(cfg, plan, result, h):

@@ -83,8 +83,14 @@ class Tracker:
         return run_url(self.tracking_uri, run.info.experiment_id, self.run_id)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params of a run reopened by a re-run are kept as first logged (MLflow refuses to change
+        one); a value that differs now is recorded as a tag `llm2clip.param_changed.KEY`."""
         if self.enabled and params:
-            items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
+            logged = self.client.get_run(self.run_id).data.params
+            values = {k: str(v)[:_PARAM_MAX] for k, v in params.items()}
+            self.set_tags({f"llm2clip.param_changed.{k}": f"{logged[k]} -> {v}"[:_PARAM_MAX] for k, v in values.items()
+                           if k in logged and logged[k] != v})
+            items = [Param(k, v) for k, v in values.items() if k not in logged]
             for i in range(0, len(items), 100):  # MLflow accepts 100 params per batch
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
 
