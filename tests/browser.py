@@ -227,29 +227,3 @@ def review_parent_run(tracking_uri: str, experiment_id: str, parent_run_id: str,
     return RunReview(default_view, runs_view, collapsed, expanded, child_runs, artifacts, table_artifact, columns, rows,
                      charts, shots, round(time.monotonic() - started, 1))
 
-
-# ---------------------------------------------------------------- a fake pipeline to review
-DEMO_STAGES = ("ingest", "recaption", "embed", "train-clip", "evaluate")
-
-
-def make_demo_runs(tracking_uri: str, experiment: str = "browser-review") -> tuple[str, str]:
-    """A parent run "pipeline" with nested runs named after the stages, a comparison table
-    (log_table), lineage.json (log_dict), and stepped metrics on train-clip and the parent.
-    Returns (experiment_id, parent_run_id)."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    eid = found.experiment_id if found else client.create_experiment(experiment)
-    pid = client.create_run(eid, run_name="pipeline").info.run_id
-    now = int(time.time() * 1000)
-    children = {name: client.create_run(eid, run_name=name, tags={"mlflow.parentRunId": pid}).info.run_id for name in DEMO_STAGES}
-    client.log_batch(children["train-clip"], metrics=[Metric("train/loss", 2.0 / (s + 1), now, s) for s in range(6)])
-    client.log_batch(pid, metrics=[Metric("recall_at_1", 0.1 * s + 0.05, now, s) for s in range(4)])
-    client.log_table(pid, data={"model": ["clip-baseline", "llm2clip"], "i2t_r@1": [0.31, 0.42], "t2i_r@1": [0.29, 0.40]},
-                     artifact_file="comparison.json")
-    client.log_dict(pid, {"stages": {name: run_id for name, run_id in children.items()}}, "lineage.json")
-    for run_id in [*children.values(), pid]:
-        client.set_terminated(run_id)
-    return eid, pid
