@@ -63,13 +63,23 @@ def test_embeddings_match_the_encoder_api(ingested, first_embed):
     assert cos.min() > 0.99
 
 
-def test_second_run_writes_nothing(ingested, first_embed, cluster):
+def _encoder_actors() -> int:
+    """Encoder actors the cluster has ever created (dead ones stay listed)."""
+    from ray.util.state import list_actors
+
+    return sum("EmbedCaptions" in a.class_name for a in list_actors(limit=10_000, detail=False))
+
+
+def test_second_run_writes_nothing(ingested, first_embed, cluster, ray_session):
     root, config = ingested
     version = _version(root / "store")
     before = len(Store(str(root / "store"), "embeddings").commits(version))
+    actors = _encoder_actors()
+    assert actors >= 1  # the first run's are listed: the count can see them
     out = run_job_here("jobs.embed", config, cluster)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "written: 0" in out.stdout
+    assert _encoder_actors() == actors  # nothing to do: no encoder actor was started
     assert len(Store(str(root / "store"), "embeddings").commits(version)) == before
 
 

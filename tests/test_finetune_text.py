@@ -165,6 +165,22 @@ def test_reordered_pairs_keep_every_sentence_in_another_order():
         PairSource(first="provided", second="original", reorder_sentences=True)
 
 
+def test_no_held_out_item_reaches_a_training_pair(store, cluster):
+    """Items of `eval_split` are held out: none of them is in a training pair (a leak would
+    inflate every CRA-after figure), and they are the held-out CRA sets."""
+    from pipeline.config import load_config
+    from pipeline.stages.finetune_text import training_pairs
+
+    cfg = load_config(_config(store, cluster, "held-out"))
+    pairs, held_out = training_pairs(cfg)
+    manifest = Store(cfg.store.uri, "manifest").read(cfg.ingest.dataset, columns=["image_id", "split"]).to_pylist()
+    held = {r["image_id"] for r in manifest if r["split"] == cfg.finetune_text.eval_split}
+    assert held and all(held_out.values())
+    trained = set(pairs.column("item").to_pylist())
+    assert trained and not trained & held
+    assert trained <= {r["image_id"] for r in manifest}  # every pair is of this dataset's images
+
+
 def test_an_unrelated_dataset_in_the_stores_keeps_the_run_name(store, cluster):
     """The resume key hashes the pairs trained on: captions that other datasets add to the same
     caption versions (an evaluation set, say) leave it alone, so a rerun resumes."""

@@ -78,11 +78,21 @@ def test_text_mode_run_is_tracked_in_mlflow(text_run, cluster):
     assert run.data.params["recaption.mode"] == "text"
 
 
-def test_rerun_captions_nothing_new(text_run, cluster):
+def _caption_actors() -> int:
+    """Caption actors the cluster has ever created (dead ones stay listed)."""
+    from ray.util.state import list_actors
+
+    return sum("CaptionBatch" in a.class_name for a in list_actors(limit=10_000, detail=False))
+
+
+def test_rerun_captions_nothing_new(text_run, cluster, ray_session):
     root, config, first = text_run
     version = first["caption_version (caption store version)"]
     commits = len(Store(str(root / "store"), "captions").commits(version))
+    actors = _caption_actors()
+    assert actors >= 1  # the first run's engine is listed: the count can see one
     again = run_stage("jobs.recaption", config, cluster)
+    assert _caption_actors() == actors  # nothing to do: no actor, so no vLLM engine, was started
     assert again["caption_version (caption store version)"] == version
     assert again["captioned"] == 0 and again["rejected"] == 0 and again["generated tokens"] == 0
     assert again["input images"] == 8
@@ -151,6 +161,22 @@ def test_image_mode_sees_the_images(image_run):
     # Greedy decoding with one prompt: only the image differs, so different outputs
     # prove the pixels reach the model.
     assert len(set(captions.column("text").to_pylist())) == 32
+
+
+def test_rejected_images_are_retried_only_when_asked(image_run):
+    """A re-run skips the images rejected before (their fault, not the engine's); with
+    `recaption.retry_rejected: true` it selects them again."""
+    from pipeline.config import load_config
+    from pipeline.stages.recaption import select_images
+
+    root, summary, _ = image_run
+    version = summary["caption_version (caption store version)"]
+    rejects = Store(str(root / "store"), "rejects").read(f"recaption.{version}").to_pylist()
+    rejected = {r["record_id"].split("#")[0] for r in rejects if r["reason"] != "generation_error"}
+    todo, items, skipped, rejected_before = select_images(load_config(root / "c.yaml"), version)
+    assert todo.num_rows == 0 and rejected_before == len(rejected) == summary["rejected"] and items == summary["input images"]
+    todo, _, _, rejected_before = select_images(load_config(root / "c.yaml", ["recaption.retry_rejected=true"]), version)
+    assert rejected_before == 0 and set(todo.column("image_id").to_pylist()) == rejected
 
 
 def test_image_mode_rejects_bad_input_with_reasons(image_run):

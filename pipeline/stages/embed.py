@@ -160,6 +160,29 @@ def _of_images(batch: pa.Table, images: np.ndarray) -> pa.Table:
     return batch.filter(pa.array(np.isin(ids, images)))
 
 
+@dataclass(frozen=True)
+class EmbedWork:
+    """What an embed run of this config has to do, known without loading the encoder."""
+
+    version: str | None  # None: this encoder (reference + options) has not embedded before
+    wanted: int  # captions of its dataset's images in embed.caption_versions
+    todo: int  # of them, neither embedded nor rejected by this encoder
+
+
+def embed_work(cfg: PipelineConfig) -> EmbedWork:
+    ecfg = cfg.embed
+    captions = Store(cfg.store.uri, "captions")
+    images = dataset_images(cfg)
+    read = [captions.read(v, columns=["caption_id", "image_id"]) for v in ecfg.caption_versions]
+    wanted = {c for t in read for c in (_of_images(t, images) if images is not None else t).column("caption_id").to_pylist()}
+    version = _version_embedded_before(cfg, ecfg.encoder or cfg.models.llm, encoder_kwargs(ecfg))
+    if version is None:
+        return EmbedWork(None, len(wanted), len(wanted))
+    rejects = Store(cfg.store.uri, "rejects")
+    rejected = set(rejects.read(f"embed.{version}", columns=["record_id"]).column("record_id").to_pylist()) if rejects.commits(f"embed.{version}") else set()
+    return EmbedWork(version, len(wanted), len(wanted - {k[0] for k in Store(cfg.store.uri, "embeddings").keys(version)} - rejected))
+
+
 def plan_embed(cfg: PipelineConfig, stage: str = "embed") -> StagePlan:
     """Skipped when every caption of `embed.caption_versions` is embedded (or rejected) by the
     encoder; a new encoder's version is its weights' hash, named when the stage runs."""
@@ -168,27 +191,23 @@ def plan_embed(cfg: PipelineConfig, stage: str = "embed") -> StagePlan:
     missing = [v for v in ecfg.caption_versions if not captions.commits(v)]
     if missing:
         return not_ready(stage, f"captions {', '.join(missing)}")
-    ref = ecfg.encoder or cfg.models.llm
-    version = _version_embedded_before(cfg, ref, encoder_kwargs(ecfg))
-    if version is None:
-        return StagePlan(stage, "", False, f"encoder {ref} has not embedded before")
-    images = dataset_images(cfg)
-    read = [captions.read(v, columns=["caption_id", "image_id"]) for v in ecfg.caption_versions]
-    wanted = {c for t in read for c in (_of_images(t, images) if images is not None else t).column("caption_id").to_pylist()}
-    rejects = Store(cfg.store.uri, "rejects")
-    rejected = set(rejects.read(f"embed.{version}", columns=["record_id"]).column("record_id").to_pylist()) if rejects.commits(f"embed.{version}") else set()
-    todo = len(wanted - {k[0] for k in Store(cfg.store.uri, "embeddings").keys(version)} - rejected)
-    if todo == 0:
-        return StagePlan(stage, version, True, f"all {len(wanted)} captions of {', '.join(ecfg.caption_versions)} embedded")
-    return StagePlan(stage, version, False, f"{todo} of {len(wanted)} captions to embed")
+    work = embed_work(cfg)
+    if work.version is None:
+        return StagePlan(stage, "", False, f"encoder {ecfg.encoder or cfg.models.llm} has not embedded before")
+    if work.todo == 0:
+        return StagePlan(stage, work.version, True, f"all {work.wanted} captions of {', '.join(ecfg.caption_versions)} embedded")
+    return StagePlan(stage, work.version, False, f"{work.todo} of {work.wanted} captions to embed")
 
 
 def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     ecfg = cfg.embed
     use_gpu = ecfg.gpus_per_actor > 0
-    path = resolve_encoder(cfg)
     options = encoder_kwargs(ecfg)
     precision = resolve_precision(ecfg.precision, use_gpu)
+    missing = [v for v in ecfg.caption_versions if not Store(cfg.store.uri, "captions").commits(v)]
+    if not missing and (work := embed_work(cfg)).version and work.todo == 0:
+        return _nothing_to_do(cfg, work, precision, tracker)  # no encoder load, no actor
+    path = resolve_encoder(cfg)
     # The output version is the encoder's identity; a small task computes it off the driver.
     version, dim = ray.get(_probe_encoder.options(num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor).remote(path, options, cfg.models.trust_remote_code))
     result = EmbedResult(encoder=cfg.embed.encoder or cfg.models.llm, encoder_version=version, dim=dim, precision=precision)
@@ -268,6 +287,20 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
          "truncated": result.truncated, "captions_per_s": result.written / result.seconds if result.seconds else 0.0}
         | {f"cra.{k}": v["cra"] for k, v in result.cra.items()}
     )
+    tracker.log_dict(result.summary(), "embed/summary.json")
+    result.mlflow_url = tracker.url
+    return result
+
+
+def _nothing_to_do(cfg: PipelineConfig, work: EmbedWork, precision: str, tracker: Tracker) -> EmbedResult:
+    commits = Store(cfg.store.uri, "embeddings").commits(work.version)
+    dim = int(next(c.lineage["dim"] for c in commits if "dim" in c.lineage))
+    result = EmbedResult(encoder=cfg.embed.encoder or cfg.models.llm, encoder_version=work.version, dim=dim, precision=precision,
+                         input_rows=work.wanted, skipped=work.wanted)
+    if cfg.embed.cra_split:
+        result.cra = held_out_cra(cfg, work.version, cfg.embed.cra_split)
+    tracker.set_tags({"llm2clip.output.embeddings": work.version, "llm2clip.encoder": result.encoder, "llm2clip.store_uri": cfg.store.uri})
+    tracker.log_metrics({"input_rows": result.input_rows, "written": 0, "skipped": result.skipped, "rejected": 0})
     tracker.log_dict(result.summary(), "embed/summary.json")
     result.mlflow_url = tracker.url
     return result

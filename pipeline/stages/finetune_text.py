@@ -136,7 +136,7 @@ def reordered_pairs(table: pa.Table, seed: int) -> list[tuple[str, str, str]]:
 
 
 def training_pairs(cfg: PipelineConfig) -> tuple[pa.Table, dict[str, list[tuple[str, str]]]]:
-    """The training pairs (pair_id, first, second[, negative]) in a seeded shuffled order, and
+    """The training pairs (pair_id, first, second, item[, negative]) in a seeded shuffled order, and
     the held-out CRA sets {name: pairs}."""
     ft = cfg.finetune_text
     captions = Store(cfg.store.uri, "captions")
@@ -167,7 +167,8 @@ def training_pairs(cfg: PipelineConfig) -> tuple[pa.Table, dict[str, list[tuple[
         raise ValueError("finetune_text: no training pairs (check finetune_text.pairs and the caption store)")
     rng.shuffle(train)
     # pair_id: the position in this seeded order; checkpoints record which ids an epoch has trained
-    columns = {"pair_id": list(range(len(train))), "first": [t[1] for t in train], "second": [t[2] for t in train]}
+    columns = {"pair_id": list(range(len(train))), "first": [t[1] for t in train], "second": [t[2] for t in train],
+               "item": [t[0] for t in train]}  # the image or corpus item: what a held-out check reads
     if ft.hard_negatives:
         columns["negative"] = hard_negatives(train)
     return pa.table(columns), held_out
