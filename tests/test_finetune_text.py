@@ -84,6 +84,15 @@ def test_embed_takes_the_registered_encoder(zero2, store, cluster):
     out = run_stage_here("jobs.embed", config, cluster, "--set", f"embed.encoder={summary['MLflow model URI']}")
     assert out["encoder_version (embedding store version)"] == summary["encoder_version"]
     assert summary["encoder_version"] in Store(str(store / "store"), "embeddings").versions()
+    # the other hand-over forms name the same encoder: its path and its encoder_version
+    from pipeline.config import load_config
+    from pipeline.stages.embed import resolve_encoder
+
+    for ref in (summary["encoder path"], summary["encoder_version"]):
+        path = resolve_encoder(load_config(config, [f"embed.encoder={ref}"]))
+        assert TextEncoder.from_pretrained(path).encoder_version == summary["encoder_version"], ref
+    with pytest.raises(ValueError, match="embed.encoder: no encoder with encoder_version enc-0000000000000000"):
+        resolve_encoder(load_config(config, ["embed.encoder=enc-0000000000000000"]))
 
 
 def test_zero3_trains_with_two_workers(store, cluster):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from pipeline.metrics import caption_retrieval_accuracy
 from pipeline.plans import StagePlan, not_ready
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store, reject_row, utc_now
-from pipeline.text_encoder import TextEncoder
+from pipeline.text_encoder import ENCODER_VERSION_PREFIX, TextEncoder
 from pipeline.versioning import code_version, text_sha256
 from schemas import STORE_SCHEMAS
 
@@ -126,9 +127,32 @@ def _probe_encoder(path: str, options: dict[str, Any], trust_remote_code: bool) 
     return encoder.encoder_version, encoder.dim
 
 
+def _encoder_of_version(cfg: PipelineConfig, version: str) -> str:
+    """Where the encoder named by its `encoder_version` is: the path an earlier embed of it
+    loaded (embedding-store lineage), else the registry version tagged with it."""
+    embeddings = Store(cfg.store.uri, "embeddings")
+    for commit in reversed(embeddings.commits(version)):
+        path = commit.lineage.get("encoder_path")
+        if path and ("://" in path or Path(path).exists()):
+            return path
+    if cfg.mlflow.enabled:
+        import mlflow
+
+        client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+        for model in client.search_registered_models():
+            for mv in client.search_model_versions(f"name='{model.name}'"):
+                if mv.tags.get("encoder_version") == version:
+                    return f"models:/{model.name}/{mv.version}"
+    raise ValueError(f"embed.encoder: no encoder with encoder_version {version} is known: it embedded nothing in "
+                     f"{cfg.store.uri} and no registered model version is tagged with it; give its path or MLflow URI")
+
+
 def resolve_encoder(cfg: PipelineConfig) -> str:
-    """A local path for the configured encoder (MLflow model URIs are downloaded once)."""
+    """A local path for the configured encoder: a path, a hub id, an MLflow model URI
+    (downloaded once) or an `encoder_version` (enc-...)."""
     ref = cfg.embed.encoder or cfg.models.llm
+    if ref.startswith(ENCODER_VERSION_PREFIX):
+        ref = _encoder_of_version(cfg, ref)
     if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         import mlflow
 
