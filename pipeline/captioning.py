@@ -11,6 +11,7 @@ that applies them is `pipeline.stages.captioner.Captioner`.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import zlib
 from pathlib import Path
@@ -68,6 +69,37 @@ def caption_version(cfg: RecaptionConfig, model: str) -> str:
         "postprocess": cfg.postprocess.model_dump(mode="json"),
     }
     return f"{cfg.mode}-{stable_hash(identity, 12)}"
+
+
+DEFAULT_MAX_MODEL_LEN = 4096
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_context_length(ref: str) -> int | None:
+    """A local model's own context length, from its config.json (or its text model's); None
+    when it cannot be read without loading the model (a hub id, an odd config)."""
+    path = Path(ref) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    for section in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            if isinstance(section.get(key), int):
+                return section[key]
+    return None
+
+
+def fit_context(cfg: RecaptionConfig, model: str) -> RecaptionConfig:
+    """`max_model_len` that the model can hold: the default capped at the model's context; a
+    value set longer than it fails here, on the driver, in one line (vLLM would fail inside
+    every actor it starts)."""
+    context = model_context_length(model)
+    if cfg.max_model_len is None:
+        return cfg.model_copy(update={"max_model_len": min(DEFAULT_MAX_MODEL_LEN, context or DEFAULT_MAX_MODEL_LEN)})
+    if context and cfg.max_model_len > context:
+        raise ValueError(f"recaption.max_model_len {cfg.max_model_len} is longer than the context of {model} ({context} tokens): "
+                         f"set it to {context} or less, or leave it unset")
+    return cfg
 
 
 def recaption_model(cfg: PipelineConfig) -> str:

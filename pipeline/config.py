@@ -203,7 +203,8 @@ class RecaptionConfig(Section):
     source: str = Field("dense", description="the captions' `source` label in the caption store")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
-    max_model_len: int = Field(4096, ge=64, description="prompt + generated tokens per request")
+    max_model_len: int | None = Field(None, ge=64, description="prompt + generated tokens per request; default 4096, or the "
+                                      "model's own context (config.json) when shorter")
     kv_cache_bytes: int | None = Field(
         None, ge=2**20, description="vLLM KV-cache bytes per engine; default 512 MiB on CPU, "
         "on GPU vLLM sizes it from gpu_memory_utilization",

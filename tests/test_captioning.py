@@ -7,6 +7,7 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from pipeline.captioning import Rejected, caption_version, chat_prompt, clean_caption, compression_ratio, fill_instruction, model_fingerprint
 from pipeline.config import ConfigError, PostprocessConfig, RecaptionConfig, validate_config
+from tests.conftest import MODELS_DIR
 
 RULES = PostprocessConfig()
 
@@ -89,3 +90,18 @@ def test_prompts_come_from_the_models_chat_template(models):
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         chat_prompt(tokenizer, "x", None, with_image=False)
+
+
+def test_max_model_len_fits_the_models_context(models):
+    """The default (4096) is capped at a model's own context; a longer value set by the user
+    fails on the driver, in one line naming the key (vLLM failed in every actor it started)."""
+    from pipeline.captioning import DEFAULT_MAX_MODEL_LEN, fit_context, model_context_length
+
+    short = str(MODELS_DIR / "tiny-llama")
+    assert model_context_length(short) == 2048 < DEFAULT_MAX_MODEL_LEN
+    assert fit_context(RecaptionConfig(), short).max_model_len == 2048
+    assert fit_context(RecaptionConfig(), str(MODELS_DIR / "smollm2-135m-instruct")).max_model_len == DEFAULT_MAX_MODEL_LEN
+    assert fit_context(RecaptionConfig(max_model_len=1024), short).max_model_len == 1024
+    with pytest.raises(ValueError, match=r"^recaption.max_model_len 4096 is longer than the context of .*tiny-llama \(2048 tokens\)"):
+        fit_context(RecaptionConfig(max_model_len=4096), short)
+    assert fit_context(RecaptionConfig(), "org/hub-model").max_model_len == DEFAULT_MAX_MODEL_LEN  # unknown: the default

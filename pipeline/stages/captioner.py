@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.captioning import Rejected, chat_prompt
+from pipeline.captioning import Rejected, chat_prompt, fit_context
 from pipeline.config import RecaptionConfig
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Captioner:
         os.environ.update(cfg.engine_env)
         from vllm import LLM, SamplingParams  # noqa: I001 - imported here: only engine processes need vLLM
 
+        cfg = fit_context(cfg, model)  # as the driver did (a direct user, e.g. a benchmark, may not have)
         self.cfg = cfg
         self.with_image = cfg.mode == "image"
         engine: dict[str, Any] = dict(

@@ -28,6 +28,7 @@ from pipeline.captioning import (
     caption_version,
     clean_caption,
     fill_instruction,
+    fit_context,
     model_fingerprint,
     prompt_id,
     recaption_model,
@@ -240,8 +241,9 @@ def plan_recaption(cfg: PipelineConfig, stage: str = "recaption") -> StagePlan:
 
 
 def run_recaption(cfg: PipelineConfig, tracker: Tracker) -> RecaptionResult:
-    rc = cfg.recaption
     model = recaption_model(cfg)
+    cfg = cfg.model_copy(update={"recaption": fit_context(cfg.recaption, model)})
+    rc = cfg.recaption
     version = caption_version(rc, model)
     dataset = rc.dataset or cfg.ingest.dataset
     result = RecaptionResult(mode=rc.mode, model=model, caption_version=version, dataset=dataset)
