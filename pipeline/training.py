@@ -182,3 +182,38 @@ def _keys(frame: Any) -> list[str]:
 
 def _is_text(values: np.ndarray) -> bool:
     return values.ndim == 1 and values.dtype.kind in "OU" and len(values) > 0 and isinstance(values[0], str)
+
+
+# ----------------------------------------------------------------- resume verification
+def state_digest(module: Any, optimizer_state: Any, lr: list[float]) -> str:
+    """sha256 of what a resume must restore exactly: the trainable parameters (by name), every
+    tensor and number of the optimizer's state (nested dicts and lists, keys sorted; objects
+    such as a loss scaler are left out) and the learning rates. Per rank: a ZeRO optimizer
+    holds its own partition."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            h.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())
+            h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                h.update(str(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                feed(item)
+        elif isinstance(value, (bool, int, float, str)) or value is None:
+            h.update(repr(value).encode())
+
+    for name, param in sorted(module.named_parameters()):
+        if param.requires_grad:
+            h.update(name.encode())
+            feed(param)
+    feed(optimizer_state)
+    feed([float(x) for x in lr])
+    return h.hexdigest()[:32]

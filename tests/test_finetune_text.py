@@ -136,6 +136,7 @@ def test_a_killed_worker_is_replaced_and_a_stopped_job_resumes(tmp_path, store, 
     summary = run_stage("jobs.finetune_text", config, cluster)
     assert summary["steps"] == 24
     assert summary["resumed from step"] is not None and summary["resumed from step"] >= reached
+    assert summary["resume verified (tensors, optimizer, lr)"] is True  # every tensor as saved, not only the step
     # the data position: the epoch that spans both faults trained each of its pairs once
     state = max((json.loads(p.read_text()) for p in (root / "run" / "ray_results").glob("finetune-text-*/checkpoint_*/train_state.json")),
                 key=lambda s: s["step"])

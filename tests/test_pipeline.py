@@ -115,6 +115,7 @@ def test_a_crash_between_stages_and_a_kill_in_train_clip_resume(killed):
     result = json.loads((model_path.parent / "result.json").read_text())
     assert result["resumed_from_step"] is not None and result["resumed_from_step"] >= killed["checkpoint_step"]
     assert result["steps"] >= result["resumed_from_step"] and not result["reused"]
+    assert result["resume_verified"] is True  # parameters, optimizer state and lr hashed as at the checkpoint
 
 
 def test_no_store_gains_a_duplicate_and_nothing_committed_is_lost(killed):

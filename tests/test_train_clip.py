@@ -228,6 +228,7 @@ def test_a_killed_worker_and_a_killed_driver_resume(tmp_path, store, cluster, ra
     time.sleep(3)
     summary = run_stage("jobs.train_clip", config, cluster)
     assert summary["resumed from step"] is not None and summary["resumed from step"] >= reached
+    assert summary["resume verified (tensors, optimizer, lr)"] is True  # every tensor as saved, not only the step
     assert summary["steps"] == 2 * (summary["training images"] // 8) and summary["text tower"] == "clip"
     # the data position: the last epoch trained each of its samples once, across the kills
     final = max((json.loads(p.read_text()) for p in results.glob("train-clip-*/checkpoint_*/train_state.json")), key=lambda s: s["step"])

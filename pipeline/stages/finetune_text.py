@@ -54,6 +54,7 @@ class FinetuneResult:
     train_pairs: int = 0
     steps: int = 0
     resumed_from_step: int | None = None
+    resume_verified: bool | None = None  # the resumed tensors, optimizer state and lr hashed as saved
     seconds: float = 0.0
     final_loss: float | None = None
     encoder_path: str | None = None
@@ -75,6 +76,7 @@ class FinetuneResult:
             "training pairs": self.train_pairs,
             "steps": self.steps,
             "resumed from step": self.resumed_from_step,
+            "resume verified (tensors, optimizer, lr)": self.resume_verified,
             "final loss": self.final_loss,
             "CRA before (base model)": self.cra_before,
             "CRA after (fine-tuned)": self.cra_after,
@@ -378,6 +380,7 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
     result.steps = fitted.state.step
     result.final_loss = fitted.state.last_loss
     result.resumed_from_step = fitted.outcome.resumed_from_step
+    result.resume_verified = fitted.outcome.resume_verified
 
     dest = f"{storage.rstrip('/')}/{run_name}/outputs/encoder-step{result.steps}"
     lineage = {"stage": "finetune-text", "base_model": base, "run_name": run_name, "mlflow_run_id": tracker.run_id,

@@ -71,6 +71,7 @@ class TrainClipResult:
     steps: int = 0
     global_batch: int = 0
     resumed_from_step: int | None = None
+    resume_verified: bool | None = None  # the resumed tensors, optimizer state and lr hashed as saved
     final_loss: float | None = None
     samples_per_s: float | None = None  # this attempt's steady state (its first step left out)
     data_wait_fraction: float | None = None  # of step time, waiting for the next batch
@@ -99,6 +100,7 @@ class TrainClipResult:
             "steps": self.steps,
             "global batch": self.global_batch,
             "resumed from step": self.resumed_from_step,
+            "resume verified (tensors, optimizer, lr)": self.resume_verified,
             "final loss": self.final_loss,
             "samples/s": self.samples_per_s,
             "data wait fraction": self.data_wait_fraction,
@@ -740,6 +742,7 @@ def run_train_clip(cfg: PipelineConfig, tracker: Tracker) -> TrainClipResult:
     fitted = fit(run.task(tc), plan, run.datasets, storage)
     result.steps, result.final_loss = fitted.state.step, fitted.state.last_loss
     result.resumed_from_step = fitted.outcome.resumed_from_step
+    result.resume_verified = fitted.outcome.resume_verified
     if fitted.outcome.step_seconds:
         result.samples_per_s = round(fitted.outcome.timed_steps * global_batch / fitted.outcome.step_seconds, 2)
         result.data_wait_fraction = round(fitted.outcome.data_wait_fraction, 4)

@@ -32,7 +32,7 @@ import ray
 
 from pipeline.config import OptimizerSettings, TrainerSettings
 from pipeline.faults import crash_point
-from pipeline.training import TRAIN_STATE, TrainState, deepspeed_config, lr_factor
+from pipeline.training import TRAIN_STATE, TrainState, deepspeed_config, lr_factor, state_digest
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class WorkerOutcome:
     step_seconds: float = 0.0  # their wall time, waiting for data included
     wait_seconds: float = 0.0  # of which the loop waited for its next batch
     epoch_start_wait_seconds: float = 0.0  # of which for the first batch of an epoch (Ray Data starts the pass)
+    resume_verified: bool | None = None  # True: after loading, every rank's parameters, optimizer state and lr
+    # hashed as they did when the checkpoint was saved (None: not resumed, or on other ranks/ZeRO)
 
     @property
     def data_wait_fraction(self) -> float | None:
@@ -245,10 +247,27 @@ class _Loop:
                     f"workers with ZeRO-{saved.zero_stage}; this run has {self.ctx.world} with ZeRO-{self.plan.trainer.zero_stage}): "
                     f"{type(e).__name__}: {e}. Resume with the settings it was written with, or set a new run_name to start over"
                 ) from e
+            if (saved.world_size, saved.zero_stage) == (self.ctx.world, self.plan.trainer.zero_stage):
+                self._verify_resume(Path(d), saved.step)
         self.state = TrainState(**{**saved.__dict__, "world_size": self.ctx.world, "zero_stage": self.plan.trainer.zero_stage})
         self.outcome.resumed_from_step = saved.step
         if self.ctx.rank == 0:
             print(f"resumed {self.plan.run_name} from step {saved.step} (epoch {saved.epoch}, {len(saved.trained)} of its samples trained)", flush=True)
+
+    def _digest(self) -> str:
+        return state_digest(self.engine.module, self.engine.optimizer.state_dict(), self.scheduler.get_last_lr())
+
+    def _verify_resume(self, folder: Path, step: int) -> None:
+        """The tensors a resume must restore, compared with their digest at save time (not the
+        step counter): a partial load (`load_module_strict=False`) cannot pass unnoticed."""
+        saved = folder / f"state-digest-rank{self.ctx.rank}.txt"
+        if not saved.is_file():  # a checkpoint written before digests existed
+            return
+        now = self._digest()
+        if now != saved.read_text().strip():
+            raise RuntimeError(f"rank {self.ctx.rank}: resuming {self.plan.run_name} from step {step} did not restore its parameters, "
+                               f"optimizer state and lr as saved (digest {now} != {saved.read_text().strip()})")
+        self.outcome.resume_verified = True
 
     def save(self, reason: str) -> None:
         """Every rank writes its DeepSpeed state into one folder; Ray Train persists it."""
@@ -260,6 +279,7 @@ class _Loop:
         exported = self.task.export(self.engine, self.ctx) if reason == "final" else {}
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag="state", exclude_frozen_parameters=True)
+            (Path(tmp) / f"state-digest-rank{self.ctx.rank}.txt").write_text(self._digest())
             if self.ctx.rank == 0:
                 state.save(tmp)
                 if exported:
