@@ -105,3 +105,37 @@ def test_ray_data_blocked_time_is_read_from_the_iterator_stats():
     assert ray_data_blocked_seconds(stats) == pytest.approx(0.3125)
     assert ray_data_blocked_seconds(stats.replace("312.5ms", "2.5s")) == 2.5
     assert ray_data_blocked_seconds("no iteration yet") is None
+
+
+def test_state_digest_sees_every_tensor_a_resume_restores():
+    """Equal after a save/load round trip; different when a parameter, an optimizer moment or
+    the lr differs (what a partial load would leave behind); frozen parameters do not count."""
+    import torch
+
+    from pipeline.training import state_digest
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        model[0].weight.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, opt
+
+    model, opt = build()
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    digest = state_digest(model, opt.state_dict(), [1e-2])
+    loaded, loaded_opt = build()
+    loaded.load_state_dict(model.state_dict())
+    loaded_opt.load_state_dict(opt.state_dict())
+    assert state_digest(loaded, loaded_opt.state_dict(), [1e-2]) == digest
+    assert state_digest(loaded, loaded_opt.state_dict(), [2e-2]) != digest  # the lr
+    fresh, fresh_opt = build()
+    fresh.load_state_dict(model.state_dict())  # parameters restored, optimizer not
+    assert state_digest(fresh, fresh_opt.state_dict(), [1e-2]) != digest
+    with torch.no_grad():
+        loaded[0].weight.add_(1.0)  # frozen: not part of what a resume restores
+    assert state_digest(loaded, loaded_opt.state_dict(), [1e-2]) == digest
+    with torch.no_grad():
+        loaded[1].bias.add_(1e-6)
+    assert state_digest(loaded, loaded_opt.state_dict(), [1e-2]) != digest
