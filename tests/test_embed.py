@@ -7,6 +7,8 @@ import pyarrow as pa
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import load_config
+from pipeline.stages.embed import plan_embed
 from pipeline.store import Store, utc_now
 from pipeline.text_encoder import TextEncoder
 from tests.conftest import MODELS_DIR, run_job_here, write_config
@@ -113,6 +115,9 @@ def test_bad_captions_are_rejected_and_counts_reconcile(tmp_path, cluster, model
     rejects = {r["record_id"]: r["reason"] for r in Store(str(store), "rejects").read(f"embed.{version}").to_pylist()}
     assert rejects == {"c-empty": "empty_caption", "c-long": "too_long"}
     assert "input captions: 4" in out.stdout and "written: 2" in out.stdout and "rejected: 2" in out.stdout
+    # the plan: the rejects stand under the same config (nothing to do); truncate would embed the long one
+    assert plan_embed(load_config(config)).exists
+    assert plan_embed(load_config(config, ["embed.overlong=truncate"])).reason == "1 of 4 captions to embed"
     # truncate instead: the long caption is embedded (cut to max_length), only the empty one is rejected
     out = run_job_here("jobs.embed", config, cluster, "--set", "embed.overlong=truncate")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -17,6 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipeline.stages.tracking import run_id_of
 from tests.conftest import MODELS_DIR, ingest_in_process, run_job, write_config
 
 MODELS = {"dir": str(MODELS_DIR), "llm": str(MODELS_DIR / "tiny-llama")}
@@ -160,7 +161,7 @@ def test_report_files_hold_the_printed_numbers_and_plots(evaluated):
 def test_everything_is_logged_to_one_mlflow_run(evaluated, cluster):
     _, _, stdout, summary, results = evaluated
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    run_id = summary["mlflow run"].rsplit("/", 1)[-1]
+    run_id = run_id_of(summary["mlflow run"])
     run = client.get_run(run_id)
     row = next(r for r in results["rows"] if r["model"] == "clip-llm")
     assert run.data.metrics["clip-llm/coco/i2t_r1"] == pytest.approx(row["coco/i2t_r@1"])

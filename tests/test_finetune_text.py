@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
 from pipeline.text_encoder import TextEncoder
 from pipeline.training import SampleSet
@@ -67,7 +68,7 @@ def test_zero2_trains_and_hands_over_a_merged_encoder(zero2):
 def test_run_is_tracked_with_per_step_loss_and_a_registered_model(zero2, cluster):
     _, summary = zero2
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    run_id = summary["mlflow run"].rsplit("/", 1)[1]
+    run_id = run_id_of(summary["mlflow run"])
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # rank 0 only: one value per step
     assert len(client.get_metric_history(run_id, "train/lr")) == 6

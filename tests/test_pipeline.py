@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.stages.pipeline import plan_pipeline
+from pipeline.stages.tracking import run_id_of
 from tests.conftest import MODELS_DIR, job_env, job_output, run_job_here, wait_for_checkpoint, write_config
 from tests.invariants import assert_kept, check_stores
 
@@ -178,7 +179,7 @@ def test_a_finished_pipeline_does_nothing_and_registers_nothing(rerun, killed, c
     assert summary["mlflow run (parent)"] == killed["summary"]["mlflow run (parent)"]  # the same parent run, reopened
     assert "| llm2clip |" in stdout  # the comparison table is printed again
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    parent_id = summary["mlflow run (parent)"].split("/runs/")[1].split("?")[0]
+    parent_id = run_id_of(summary["mlflow run (parent)"])
     comparison = json.loads(Path(client.download_artifacts(parent_id, "comparison.json", str(killed["root"] / "dl"))).read_text())
     assert len(comparison["data"]) == 3  # replaced, not appended to
 
@@ -211,7 +212,7 @@ def test_mlflow_review_in_a_real_browser(rerun, cluster, tmp_path):
 
     _, _, summary, _ = rerun
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    parent_id = summary["mlflow run (parent)"].split("/runs/")[1].split("?")[0]
+    parent_id = run_id_of(summary["mlflow run (parent)"])
     experiment_id = client.get_run(parent_id).info.experiment_id
     shots = Path(os.environ.get("LLM2CLIP_SCREENSHOTS", tmp_path))
     (train,) = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.mlflow.runName = 'train-clip'")

@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
 from pipeline.versioning import stable_hash
 from schemas import STORE_SCHEMAS
@@ -70,7 +71,7 @@ def test_text_mode_expands_every_original_caption(text_run):
 
 def test_text_mode_run_is_tracked_in_mlflow(text_run, cluster):
     _, _, summary = text_run
-    run_id = summary["mlflow run"].rsplit("/", 1)[1]
+    run_id = run_id_of(summary["mlflow run"])
     run = MlflowClient(cluster["MLFLOW_TRACKING_URI"]).get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["llm2clip.output.captions"] == summary["caption_version (caption store version)"]

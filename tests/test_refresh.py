@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
 from tests.conftest import MODELS_DIR, TINY_VLM_RECAPTION, run_job, run_stage, write_config
 
@@ -78,7 +79,7 @@ def test_refresh_with_nothing_new_does_nothing(refreshes):
 def test_steps_are_nested_mlflow_runs(refreshes, cluster):
     _, _, (first, _, _) = refreshes
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    parent = client.get_run(first["mlflow run"].rsplit("/", 1)[1])
+    parent = client.get_run(run_id_of(first["mlflow run"]))
     assert parent.data.tags["llm2clip.stage"] == "refresh" and parent.data.tags["llm2clip.refresh.status"] == "succeeded"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["llm2clip.stage"] for r in children) == ["embed", "ingest", "recaption"]

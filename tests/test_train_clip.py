@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from jobs.sweep import main as sweep_main
 from pipeline.config import load_config
 from pipeline.stages.sweep import sweep_name
+from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
 from pipeline.training import SampleSet
 from tests.conftest import CLIP_TINY, clip_config, ingest_in_process, job_output, run_stage, run_stage_here, start_job, wait_for_checkpoint
@@ -78,7 +79,7 @@ def test_trains_and_hands_over_a_registered_model(trained, cluster, monkeypatch)
 def test_run_is_tracked_with_lineage_and_an_alias(trained, cluster):
     _, summary, _ = trained
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    run_id = summary["mlflow run"].rsplit("/", 1)[1]
+    run_id = run_id_of(summary["mlflow run"])
     steps = summary["steps"]
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, steps + 1))  # rank 0 only
     for metric in ("train/lr", "train/logit_scale", "train/samples_per_s", "train/data_wait_fraction"):
@@ -141,7 +142,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(trained, store
     assert summary["sweep (resume key)"] == name and summary["resumed"] is True and summary["trials"] == 4 and summary["errored"] == 0
     assert summary["finished"] + summary["stopped early"] == 4 and summary["scheduler"] == "asha" and summary["search"] == "random"
     # the same parent run, reopened (not a second one)
-    parent_id = summary["mlflow run"].rsplit("/", 1)[-1]
+    parent_id = run_id_of(summary["mlflow run"])
     assert parent_id == parent.info.run_id
     assert client.get_run(parent_id).info.status == "FINISHED"
     # one nested run per trial, with its drawn values as params and its validation curve

@@ -202,9 +202,19 @@ def embed_work(cfg: PipelineConfig) -> EmbedWork:
     version = _version_embedded_before(cfg, ecfg.encoder or cfg.models.llm, encoder_kwargs(ecfg))
     if version is None:
         return EmbedWork(None, len(wanted), len(wanted))
-    rejects = Store(cfg.store.uri, "rejects")
-    rejected = set(rejects.read(f"embed.{version}", columns=["record_id"]).column("record_id").to_pylist()) if rejects.commits(f"embed.{version}") else set()
+    rejected = _still_rejected(cfg, version)
     return EmbedWork(version, len(wanted), len(wanted - {k[0] for k in Store(cfg.store.uri, "embeddings").keys(version)} - rejected))
+
+
+def _still_rejected(cfg: PipelineConfig, version: str) -> set[str]:
+    """Captions this encoder rejected that this config would reject again: an empty caption
+    always, an overlong one only while embed.overlong is reject (truncate embeds it)."""
+    rejects = Store(cfg.store.uri, "rejects")
+    if not rejects.commits(f"embed.{version}"):
+        return set()
+    standing = {"empty_caption"} | ({"too_long"} if cfg.embed.overlong == "reject" else set())
+    rows = rejects.read(f"embed.{version}", columns=["record_id", "reason"]).to_pylist()
+    return {r["record_id"] for r in rows if r["reason"] in standing}
 
 
 def plan_embed(cfg: PipelineConfig, stage: str = "embed") -> StagePlan:
