@@ -228,6 +228,7 @@ class _Loop:
         self.scheduler = scheduler
         self.state = TrainState(plan.num_samples, world_size=world, zero_stage=plan.trainer.zero_stage)
         self.tracker = Tracker.for_run(plan.tracking_uri, plan.mlflow_run_id) if rank == 0 else Tracker(None, None)
+        self._blocked_total = 0.0  # Ray Data's blocked time on this shard so far (its stats are cumulative)
         self.outcome = WorkerOutcome(resumed_from_step=None)
 
     def restore(self) -> None:
@@ -363,9 +364,11 @@ class _Loop:
         """Data-wait over the epoch, as this loop timed it and as Ray Data's iterator counts it."""
         if self.ctx.rank != 0:
             return
-        blocked = ray_data_blocked_seconds(shard.stats())
+        total = ray_data_blocked_seconds(shard.stats())
         metrics = {"data/wait_fraction": waited / seconds if seconds else 0.0}
-        if blocked is not None:
+        if total is not None:
+            # the iterator's stats add up over every epoch of this shard: this epoch's share is the difference
+            blocked, self._blocked_total = total - self._blocked_total, total
             metrics["data/iterator_blocked_fraction"] = blocked / seconds if seconds else 0.0
         self.tracker.log_metrics(metrics, step=self.state.step)
 
