@@ -765,7 +765,7 @@ def run_train_clip(cfg: PipelineConfig, tracker: Tracker) -> TrainClipResult:
     if tracker.enabled:
         result.model_uri = f"runs:/{tracker.run_id}/model"
         if tc.register_as:
-            result.registered, result.model_uri = _register(cfg, tracker, lineage)
+            result.registered, result.model_uri = _register(cfg, tracker, lineage, result.model_path)
     tracker.log_dict(result.summary(), "train_clip/summary.json")
     result.mlflow_url = tracker.url
     write_result(storage, result.run_name, asdict(result))
@@ -788,7 +788,7 @@ def _record_rejects(cfg: PipelineConfig, result: TrainClipResult, data: SampleDa
                         | {f"skipped_no_embedding.{k}": v for k, v in result.skipped_no_embedding.items()})
 
 
-def _register(cfg: PipelineConfig, tracker: Tracker, lineage: dict[str, Any]) -> tuple[str, str]:
+def _register(cfg: PipelineConfig, tracker: Tracker, lineage: dict[str, Any], model_path: str) -> tuple[str, str]:
     """A new version of the registered model, tagged with its lineage; the alias moves to it."""
     import mlflow
 
@@ -800,8 +800,11 @@ def _register(cfg: PipelineConfig, tracker: Tracker, lineage: dict[str, Any]) ->
         client.create_registered_model(tc.register_as, description="LLM2CLIP models: vision tower + text adapter (train-clip)")
     tags = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in lineage.items()
             if k in ("manifest", "embeddings", "encoder_version", "caption_versions", "vision_model", "run_name", "samples_digest")}
-    # One version per run: a re-run killed after registering reuses it.
-    same = [v for v in client.search_model_versions(f"name='{tc.register_as}'") if v.tags.get("run_name") == tags["run_name"]]
+    tags["model_path"] = model_path
+    # One version per run: a re-run killed after registering reuses it. The run name alone is not
+    # enough: the same inputs and recipe trained under another storage path are another model.
+    same = [v for v in client.search_model_versions(f"name='{tc.register_as}'")
+            if v.tags.get("run_name") == tags["run_name"] and v.tags.get("model_path") == model_path]
     mv = same[0] if same else client.create_model_version(tc.register_as, source=tracker.artifact_uri("model"), run_id=tracker.run_id,
                                                           tags=tags)
     if tc.register_alias:
