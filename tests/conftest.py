@@ -169,12 +169,13 @@ def ingest_in_process(config: Path, *overrides: str) -> None:
     run_ingest(load_config(config, list(overrides)), Tracker(None, None))
 
 
-def start_job(module: str, config: Path, cluster: dict[str, str]) -> subprocess.Popen:
+def start_job(module: str, config: Path, cluster: dict[str, str], **env: str) -> subprocess.Popen:
     """A job in its own session (so the test can kill it and its workers); its summary goes to
-    CONFIG.json, its output to CONFIG.log (a pipe nobody reads would fill and block the job)."""
+    CONFIG.json, its output to CONFIG.log (a pipe nobody reads would fill and block the job).
+    `env`: more variables (a fault drill's crash points)."""
     log = open(str(config) + ".log", "w")  # noqa: SIM115 - the child holds it; closed when the test process ends
     proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(config), "--summary-json", str(config) + ".json"],
-                            cwd=REPO, env=job_env(cluster), stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            cwd=REPO, env={**job_env(cluster), **env}, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.log_path = Path(log.name)
     return proc
 
@@ -197,6 +198,18 @@ def registered_step(results: Path, run_prefix: str) -> int:
         except (OSError, ValueError):
             pass
     return best
+
+
+def job_train_workers() -> list:
+    """The live Ray Train workers of jobs other than this test process's own (a job started by
+    `start_job`): runs made in this process (`run_job_here`) may leave workers of their own."""
+    import ray
+    from ray.util.state import list_actors
+
+    own = ray.get_runtime_context().get_job_id()
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) if a.pid and a.job_id != own]
+    assert workers, "no train workers of the started job found"
+    return workers
 
 
 def wait_for_checkpoint(results: Path, run_prefix: str, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:

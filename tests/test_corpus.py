@@ -10,7 +10,7 @@ from pipeline.everyday import seeds
 from pipeline.stages.corpus import corpus_versions
 from pipeline.stages.finetune_text import pair_versions, training_pairs
 from pipeline.store import Store
-from tests.conftest import MODELS_DIR, run_stage, write_config
+from tests.conftest import MODELS_DIR, run_stage_here, write_config
 
 CORPUS = {"name": "everyday", "num_items": 12, "seed": 5}
 RECAPTION = {"actors": 1, "batch_size": 16, "engine_env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
@@ -33,7 +33,7 @@ def corpus(tmp_path_factory, cluster, models):
                        "batch_size_per_worker": 2, "max_steps": 2, "checkpoint_every": 2, "precision": "fp32", "max_length": 64,
                        "builtin_eval": [], "baseline": False, "register_as": None, "eval_split": "test"},
     )
-    return root, config, run_stage("jobs.corpus", config, cluster)
+    return root, config, run_stage_here("jobs.corpus", config, cluster)
 
 
 def test_corpus_has_short_dense_and_paraphrase_versions(corpus):
@@ -55,7 +55,7 @@ def test_corpus_has_short_dense_and_paraphrase_versions(corpus):
 
 def test_corpus_rerun_writes_nothing(corpus, cluster):
     _, config, first = corpus
-    again = run_stage("jobs.corpus", config, cluster)
+    again = run_stage_here("jobs.corpus", config, cluster)
     assert again["caption versions"] == first["caption versions"]
     assert all(step["captioned"] == 0 for step in again["steps"].values())
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
+from pipeline.faults import CRASH_AT, CRASH_ONCE_DIR
 from pipeline.stages.embed import plan_embed
 from pipeline.store import Store, utc_now
 from pipeline.text_encoder import TextEncoder
-from tests.conftest import MODELS_DIR, run_job_here, write_config
+from tests.conftest import MODELS_DIR, REPO, job_env, run_job_here, write_config
+from tests.invariants import check_stores
 
 EMBED = {"caption_versions": ["original", "provided"], "actors": 1, "cpus_per_actor": 1, "batch_size": 64, "bidirectional": False}
 
@@ -27,9 +32,14 @@ def ingested(tmp_path_factory, cluster, models):
 
 @pytest.fixture(scope="module")
 def first_embed(ingested, cluster):
+    """A fault drill on the way: the encoder actor is SIGKILLed in its first batch (a crash point,
+    once); Ray Data restarts it and retries the batch. The tests below check what was written."""
     root, config = ingested
-    out = run_job_here("jobs.embed", config, cluster)
+    drill = {CRASH_AT: "embed.batch", CRASH_ONCE_DIR: str(root / "once")}  # its actors inherit them from the job's driver
+    out = subprocess.run([sys.executable, "-m", "jobs.embed", "--config", str(config)], cwd=REPO, capture_output=True, text=True,
+                         env={**job_env(cluster), **drill}, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert (root / "once" / "embed.batch").is_file()  # the actor was killed mid-batch
     return out
 
 
@@ -48,6 +58,7 @@ def test_one_row_per_caption(ingested, first_embed):
     matrix = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
     assert matrix.shape == (n_captions, 576) and np.isfinite(matrix).all()
     assert "written: %d" % n_captions in first_embed.stdout
+    check_stores(str(root / "store"))  # across the actor's kill: every version readable, no key twice
 
 
 def test_embeddings_match_the_encoder_api(ingested, first_embed):

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.stages.tracking import run_id_of
-from tests.conftest import MODELS_DIR, ingest_in_process, run_job, write_config
+from tests.conftest import MODELS_DIR, ingest_in_process, run_job_here, write_config
 
 MODELS = {"dir": str(MODELS_DIR), "llm": str(MODELS_DIR / "tiny-llama")}
 
@@ -94,7 +94,7 @@ def evaluated(tmp_path_factory, cluster, models, ray_session):
                           embedded={"num_scenes": 30, "image_size": 64})
     ingest_in_process(config)
     summary_path = root / "summary.json"
-    out = run_job("jobs.evaluate", config, cluster, "--summary-json", str(summary_path), timeout=900)
+    out = run_job_here("jobs.evaluate", config, cluster, "--summary-json", str(summary_path))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     summary = json.loads(summary_path.read_text())
     return root, made, out.stdout, summary, json.loads((Path(summary["results json"])).read_text())

@@ -88,3 +88,16 @@ def test_a_crash_point_fires_on_its_nth_pass_and_once_across_processes(tmp_path)
     assert _write(str(tmp_path / "other"), "store.write.part_staged@2", once) == -signal.SIGKILL
     assert _write(str(tmp_path / "other"), "store.write.part_staged@2", once) == 0  # fired once already
     assert (once / "store.write.part_staged").is_file()
+
+
+def test_a_driver_target_kills_the_driver_not_the_process_passing_the_point(tmp_path):
+    """`point:driver` (a worker kills its job's driver, e.g. while a checkpoint is saved)."""
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    env = {**os.environ, "PYTHONPATH": str(REPO), CRASH_AT: "drill.point@2:driver", "LLM2CLIP_DRIVER_PID": str(driver.pid)}
+    worker = "from pipeline.faults import crash_point\nfor _ in range(3): crash_point('drill.point')\nprint('worker lives')"
+    out = subprocess.run([sys.executable, "-c", worker], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "worker lives" in out.stdout, out.stderr
+    assert driver.wait(timeout=30) == -signal.SIGKILL
+    bad = {**env, CRASH_AT: "drill.point:elsewhere"}
+    out = subprocess.run([sys.executable, "-c", worker], env=bad, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "the target is self or driver" in out.stderr

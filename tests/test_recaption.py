@@ -9,8 +9,10 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -20,7 +22,7 @@ from pipeline.store import Store
 from pipeline.versioning import stable_hash
 from schemas import STORE_SCHEMAS
 from tests.bad_images import EXPECTED, LIMITS, write_corpus
-from tests.conftest import MODELS_DIR, REPO, TINY_VLM_RECAPTION, job_env, run_job, run_stage, write_config
+from tests.conftest import MODELS_DIR, REPO, TINY_VLM_RECAPTION, ingest_in_process, job_env, run_stage_here, write_config
 from tests.invariants import assert_kept, check_stores
 
 TEXT = {
@@ -42,23 +44,38 @@ def text_run(tmp_path_factory, cluster, models):
         embedded={"num_scenes": 8, "seed": 3, "image_size": 64, "paraphrases": 1, "samples": False},
         recaption=TEXT,
     )
-    out = run_job("jobs.ingest", config, cluster)
-    assert out.returncode == 0, out.stderr[-3000:]
-    # a fault drill on the way: the driver is killed right after its first commit, while the
-    # engine is still generating the rest; the re-run keeps that commit and captions the rest
+    ingest_in_process(config)
+    _add_items_without_a_usable_caption(root / "store")
+    # a fault drill on the way: the driver is killed inside its second store commit (its rows
+    # staged, no record yet), while the engine is still generating the rest; the re-run keeps
+    # the first commit, captions the rest, and the dead commit's staged rows are never read
     killed = subprocess.run([sys.executable, "-m", "jobs.recaption", "--config", str(config)], cwd=REPO, capture_output=True, text=True,
-                            env={**job_env(cluster), "LLM2CLIP_CRASH_AT": "recaption.committed"}, timeout=600)
+                            env={**job_env(cluster), "LLM2CLIP_CRASH_AT": "store.commit.before_record@2"}, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
     after_kill = check_stores(str(root / "store"))
-    summary = run_stage("jobs.recaption", config, cluster)
+    summary = run_stage_here("jobs.recaption", config, cluster)
     return root, config, summary, after_kill
+
+
+LONG_CAPTION = "a red circle beside a small blue square on a white table, " * 400  # ~5,000 tokens: over max_model_len 4096
+
+
+def _add_items_without_a_usable_caption(store: Path) -> None:
+    """Two more manifest items: one with no original caption, one whose caption cannot fit the
+    model's context. Text mode must reject them with their reasons, not fail or skip them."""
+    manifest, captions = Store(str(store), "manifest"), Store(str(store), "captions")
+    template = manifest.read("embedded").to_pylist()[0]
+    rows = [template | {"image_id": "extra-nocap", "captions": []}, template | {"image_id": "extra-long", "captions": [LONG_CAPTION]}]
+    manifest.append("embedded", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["manifest"]))
+    caption = captions.read("original").to_pylist()[0] | {"caption_id": "extra-long-0", "image_id": "extra-long", "text": LONG_CAPTION}
+    captions.append("original", pa.Table.from_pylist([caption], schema=STORE_SCHEMAS["captions"]))
 
 
 def originals_of(root) -> list[str]:
     return Store(str(root / "store"), "manifest").read("embedded").column("image_id").to_pylist()
 
 
-def test_a_killed_run_keeps_its_first_commit_and_the_rerun_captions_the_rest(text_run):
+def test_a_run_killed_inside_its_second_commit_keeps_the_first_and_the_rerun_captions_the_rest(text_run):
     root, _, summary, after_kill = text_run
     version = summary["caption_version (caption store version)"]
     kept = after_kill[("captions", version)]
@@ -67,6 +84,12 @@ def test_a_killed_run_keeps_its_first_commit_and_the_rerun_captions_the_rest(tex
     assert_kept(after_kill, final)
     done_before = summary["skipped (already captioned)"] + summary["skipped (rejected before; recaption.retry_rejected re-tries)"]
     assert done_before >= 1 and summary["input images"] == done_before + summary["captioned"] + summary["rejected"]
+    store = root / "store"
+    for name, version in (("captions", version), ("rejects", f"recaption.{version}")):  # what the dead commit staged is cleared
+        committed = {c.commit_id for c in Store(str(store), name).commits(version)}
+        Store(str(store), name).gc(version)
+        assert {p.name for p in (store / name / version / "data").iterdir()} == committed
+        assert not list((store / name / version / "_commits").glob(".tmp-*"))
 
 
 def test_text_mode_expands_every_original_caption(text_run):
@@ -80,11 +103,13 @@ def test_text_mode_expands_every_original_caption(text_run):
     rejected = rejects.read(f"recaption.{version}").column("record_id").to_pylist() if rejects.commits(f"recaption.{version}") else []
     assert set(dense.column("image_id").to_pylist()) | {r.split("#")[0] for r in rejected} == set(originals_of(root))  # across both runs
     assert dense.num_rows >= 6, dense.num_rows
+    reasons = {r["record_id"].split("#")[0]: r["reason"] for r in rejects.read(f"recaption.{version}").to_pylist()}
+    assert reasons["extra-nocap"] == "no_source_caption" and reasons["extra-long"] == "prompt_too_long"
     rows = dense.to_pylist()
     assert {r["caption_version"] for r in rows} == {version} and {r["source"] for r in rows} == {"dense"}
     assert {r["model"] for r in rows} == {str(MODELS_DIR / "smollm2-135m-instruct")}
     assert len({r["text"] for r in rows}) == len(rows)  # different captions in, different text out
-    originals = {r["image_id"]: r["text"] for r in captions.read("original").to_pylist()}
+    originals = {r["image_id"]: r["text"] for r in captions.read("original").to_pylist() if r["image_id"] != "extra-long"}
     mean_words = np.mean([len(r["text"].split()) for r in rows])
     assert mean_words > 1.5 * np.mean([len(t.split()) for t in originals.values()])  # denser than the alt-text
     for r in rows:  # the rules ran: no chat artefacts, every caption ends a sentence
@@ -119,11 +144,11 @@ def test_rerun_captions_nothing_new(text_run, cluster, ray_session):
     commits = len(Store(str(root / "store"), "captions").commits(version))
     actors = _caption_actors()
     assert actors >= 1  # the first run's engine is listed: the count can see one
-    again = run_stage("jobs.recaption", config, cluster)
+    again = run_stage_here("jobs.recaption", config, cluster)
     assert _caption_actors() == actors  # nothing to do: no actor, so no vLLM engine, was started
     assert again["caption_version (caption store version)"] == version
     assert again["captioned"] == 0 and again["rejected"] == 0 and again["generated tokens"] == 0
-    assert again["input images"] == 8
+    assert again["input images"] == 10
     assert len(Store(str(root / "store"), "captions").commits(version)) == commits
 
 
@@ -132,7 +157,7 @@ def test_new_prompt_makes_a_second_version_beside_the_first(text_run, cluster):
     v1 = first["caption_version (caption store version)"]
     captions = Store(str(root / "store"), "captions")
     before = captions.read(v1)
-    second = run_stage("jobs.recaption", config, cluster, "--set", "recaption.prompt=Describe the photo behind this alt-text in two sentences: {caption}",
+    second = run_stage_here("jobs.recaption", config, cluster, "--set", "recaption.prompt=Describe the photo behind this alt-text in two sentences: {caption}",
                        "--set", "recaption.limit_images=3")
     v2 = second["caption_version (caption store version)"]
     assert v2 != v1 and {v1, v2} <= set(captions.versions())
@@ -163,8 +188,7 @@ def image_run(tmp_path_factory, cluster, models):
         ingest={"source": str(listing), "dataset": "corpus", "limits": LIMITS},
         recaption=IMAGE,
     )
-    out = run_job("jobs.ingest", config, cluster)
-    assert out.returncode == 0, out.stderr[-3000:]
+    ingest_in_process(config)
     manifest = Store(str(root / "store"), "manifest")
     template = manifest.read("corpus").to_pylist()[0]
     bad = [name for name, reason in EXPECTED.items() if reason]
@@ -172,12 +196,10 @@ def image_run(tmp_path_factory, cluster, models):
         {**template, "image_id": stable_hash(name, 16), "uri": str(folder / name), "sha256": "", "captions": [name]}
         for name in bad
     ]
-    import pyarrow as pa
-
     manifest.append("corpus", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["manifest"]))
     (folder / "random0.png").unlink()  # gone since ingest
     Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / "random1.png")  # replaced since ingest
-    return root, run_stage("jobs.recaption", config, cluster), bad
+    return root, run_stage_here("jobs.recaption", config, cluster), bad
 
 
 def test_image_mode_sees_the_images(image_run):

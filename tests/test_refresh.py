@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
-from tests.conftest import MODELS_DIR, TINY_VLM_RECAPTION, run_job, run_stage, write_config
+from tests.conftest import MODELS_DIR, TINY_VLM_RECAPTION, run_job, run_job_here, run_stage_here, write_config
 
 
 def _add_images(folder, listing, start: int, count: int) -> None:
@@ -36,10 +36,10 @@ def refreshes(tmp_path_factory, cluster, models):
         recaption=TINY_VLM_RECAPTION,
         embed={"encoder": str(MODELS_DIR / "tiny-llama"), "caption_versions": ["original"], "actors": 1, "batch_size": 32, "cra_split": None},
     )
-    first = run_stage("jobs.refresh", config, cluster)
+    first = run_stage_here("jobs.refresh", config, cluster)
     _add_images(folder, listing, 100, 3)
-    second = run_stage("jobs.refresh", config, cluster)
-    third = run_stage("jobs.refresh", config, cluster)
+    second = run_stage_here("jobs.refresh", config, cluster)
+    third = run_stage_here("jobs.refresh", config, cluster)
     return root, config, [first, second, third]
 
 
@@ -88,11 +88,11 @@ def test_steps_are_nested_mlflow_runs(refreshes, cluster):
 
 def test_status_reports_the_last_refresh(refreshes, cluster):
     root, config, _ = refreshes
-    ok = run_job("jobs.refresh", config, cluster, "--status")
+    ok = run_job_here("jobs.refresh", config, cluster, "--status")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "last refresh: succeeded" in ok.stdout and "3 refreshes recorded" in ok.stdout
     # A refresh that fails (here: image mode with no VLM configured) is recorded as failed.
     failed = run_job("jobs.refresh", config, cluster, "--set", "recaption.model=null", "--set", "models.vlm=null")
     assert failed.returncode != 0 and "vision-language model" in failed.stderr
-    status = run_job("jobs.refresh", config, cluster, "--status")
+    status = run_job_here("jobs.refresh", config, cluster, "--status")
     assert status.returncode == 1 and "last refresh: failed" in status.stdout

@@ -5,6 +5,7 @@ samples the main run joined (a cheap sweep whose driver is killed, then resumed)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,12 +20,20 @@ from mlflow.tracking import MlflowClient
 from jobs.sweep import main as sweep_main
 from pipeline.config import load_config
 from pipeline.stages.sweep import sweep_name
+from pipeline.stages.train_clip import MEAN_R1
 from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
 from pipeline.training import SampleSet
-from tests.conftest import CLIP_TINY, clip_config, ingest_in_process, job_output, run_stage, run_stage_here, start_job, wait_for_checkpoint
+from tests.conftest import CLIP_TINY, clip_config, ingest_in_process, job_output, job_train_workers, run_stage_here, start_job, wait_for_checkpoint
 
 TINY = CLIP_TINY
+# A killed-and-resumed run against the same recipe uninterrupted. Measured here: final loss 2.02
+# vs 2.37, mean R@1 0.13 vs 0.24 (the last batch's loss; validation sets of 9 images, so one
+# image's rank moves R@1 by 0.11). Two runs are not bit-identical anyway: Ray Data's streaming
+# split deals samples to the workers dynamically. A resume that lost its trained state ends near
+# the first steps' loss (~4.8): these bounds catch that; the resume digest checks exact tensors.
+RESUMED_LOSS_TOLERANCE = 0.35
+RESUMED_R1_TOLERANCE = 0.2
 _config = clip_config
 
 
@@ -33,13 +42,27 @@ def store(clip_store):
     return clip_store
 
 
+# the main run's recipe: accum_steps 2 (the contrastive batch of 8 spans two micro-batches of 2 on
+# each of 2 workers); bf16 and gradient checkpointing as on GPUs (DeepSpeed's CPU accelerator here)
+MAIN = dict(epochs=2, accum_steps=2, precision="bf16", gradient_checkpointing=True, min_coverage=0.5)
+
+
+@contextlib.contextmanager
+def changed_since_ingest(uri: str):
+    """An image file whose bytes changed after ingest, restored afterwards (the tests share the files)."""
+    original = Path(uri).read_bytes()
+    Path(uri).write_bytes(b"not the ingested bytes")
+    try:
+        yield
+    finally:
+        Path(uri).write_bytes(original)
+
+
 @pytest.fixture(scope="module")
 def trained(store, cluster):
     """The main run. Its input holds 8 more scenes whose captions have no embedding, and one
     training image whose file changed after ingest."""
-    # accum_steps 2: the contrastive batch of 8 spans two micro-batches of 2 on each of 2 workers;
-    # bf16 and gradient checkpointing as on GPUs (DeepSpeed's CPU accelerator here)
-    config = _config(store, cluster, "main", epochs=2, accum_steps=2, precision="bf16", gradient_checkpointing=True, min_coverage=0.5)
+    config = _config(store, cluster, "main", **MAIN)
     ingest_in_process(config, "embedded.num_scenes=68")  # 8 more scenes, not embedded
     stores = {n: Store(str(store / "store"), n) for n in ("manifest", "captions", "embeddings")}
     manifest = stores["manifest"].read("embedded").to_pylist()
@@ -47,13 +70,9 @@ def trained(store, cluster):
     with_embedding = {c["image_id"] for c in stores["captions"].read("original").to_pylist() if c["caption_id"] in embedded}
     unembedded = {r["image_id"] for r in manifest if r["image_id"] not in with_embedding and r["split"] in ("train", "val")}
     victim = next(r for r in manifest if r["split"] == "train" and r["image_id"] in with_embedding)
-    original = Path(victim["uri"]).read_bytes()  # the other tests share the image files: restored below
-    Path(victim["uri"]).write_bytes(b"not the ingested bytes")
-    try:
+    with changed_since_ingest(victim["uri"]):
         summary = run_stage_here("jobs.train_clip", config, cluster)
-    finally:
-        Path(victim["uri"]).write_bytes(original)
-    return config, summary, {"unembedded": unembedded, "victim": victim["image_id"]}
+    return config, summary, {"unembedded": unembedded, "victim": victim["image_id"], "victim_uri": victim["uri"]}
 
 
 def test_trains_and_hands_over_a_registered_model(trained, cluster, monkeypatch):
@@ -209,30 +228,35 @@ def test_corrupt_and_unembedded_images_are_reported_and_skipped(trained, store):
     assert {i for i, r in reasons.items() if r == "no_caption_embedding"} == bad["unembedded"]
 
 
-def test_a_killed_worker_and_a_killed_driver_resume(tmp_path, store, cluster, ray_session):
-    """With the baseline text tower (a CLIP text transformer reading caption text): the resume
-    machinery is the shared trainer's, whichever tower trains."""
-    from ray.util.state import list_actors
-
+def test_a_killed_worker_and_a_killed_driver_resume(tmp_path, trained, store, cluster, ray_session):
+    """The main run's recipe and inputs again, under another storage path (so another run): a
+    worker killed mid-step, then the driver; the re-run resumes with its tensors and data
+    position, and ends where the uninterrupted main run ended, within a stated tolerance."""
+    _, main, bad = trained
     root = tmp_path
     (root / "store").symlink_to(store / "store")
-    config = _config(root, cluster, "kill", text_tower="clip", epochs=2, checkpoint_every=2, max_failures=2, register_as=None, seed=3)
+    config = _config(root, cluster, "kill", **MAIN, checkpoint_every=2, max_failures=2, register_as=None)
     results = root / "run" / "ray_results"
-    proc = start_job("jobs.train_clip", config, cluster)
-    first = wait_for_checkpoint(results, "train-clip-", proc, 2)
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) if a.pid]
-    assert workers, "no train workers found"
-    os.kill(workers[-1].pid, signal.SIGKILL)  # Ray Train replaces the group and resumes from the checkpoint
-    # the replaced group goes on: a later checkpoint arrives while the driver lives (else this fails)
-    reached = wait_for_checkpoint(results, "train-clip-", proc, first + 2, timeout=600)
-    os.killpg(proc.pid, signal.SIGKILL)  # now the driver dies, and its workers with it
-    proc.wait(timeout=60)
-    time.sleep(3)
-    summary = run_stage("jobs.train_clip", config, cluster)
+    with changed_since_ingest(bad["victim_uri"]):
+        proc = start_job("jobs.train_clip", config, cluster)
+        first = wait_for_checkpoint(results, "train-clip-", proc, 2)
+        os.kill(job_train_workers()[-1].pid, signal.SIGKILL)  # Ray Train replaces the group and resumes from the checkpoint
+        # the replaced group goes on: a later checkpoint arrives while the driver lives (else this fails)
+        reached = wait_for_checkpoint(results, "train-clip-", proc, first + 2, timeout=600)
+        os.killpg(proc.pid, signal.SIGKILL)  # now the driver dies, and its workers with it
+        proc.wait(timeout=60)
+        time.sleep(3)
+        summary = run_stage_here("jobs.train_clip", config, cluster)
+    assert summary["run name (resume key)"] == main["run name (resume key)"]  # the same recipe and samples
     assert summary["resumed from step"] is not None and summary["resumed from step"] >= reached
     assert summary["resume verified (tensors, optimizer, lr)"] is True  # every tensor as saved, not only the step
-    assert summary["steps"] == 2 * (summary["training images"] // 8) and summary["text tower"] == "clip"
+    assert summary["steps"] == main["steps"] and summary["rejected images"] == main["rejected images"]
     # the data position: the last epoch trained each of its samples once, across the kills
     final = max((json.loads(p.read_text()) for p in results.glob("train-clip-*/checkpoint_*/train_state.json")), key=lambda s: s["step"])
     assert final["step"] == summary["steps"] and final["epoch"] == 1
     assert len(SampleSet.from_json(final["trained"])) == 8 * (final["step"] - final["epoch_start_step"])
+    # where it ended, against the uninterrupted main run (same seed): not bit-identical, since Ray
+    # Data's streaming split deals samples to the two workers dynamically, in every run
+    print("killed-and-resumed vs uninterrupted:", summary["final loss"], summary["validation"], main["final loss"], main["validation"])
+    assert summary["final loss"] == pytest.approx(main["final loss"], rel=RESUMED_LOSS_TOLERANCE)
+    assert summary["validation"][MEAN_R1] == pytest.approx(main["validation"][MEAN_R1], abs=RESUMED_R1_TOLERANCE)
