@@ -28,6 +28,27 @@ def is_remote_uri(ref: str) -> bool:
     return "://" in ref and not ref.startswith("file://") and not is_mlflow_uri(ref)
 
 
+def registry_source(ref: str, tracking_uri: str | None) -> str:
+    """models:/NAME/VERSION[/path] or models:/NAME@ALIAS[/path] -> where that version's files are,
+    looked up in the registry of `tracking_uri`. MLflow's own download resolves models:/ in the
+    process-global registry (a local sqlite file unless set), not the server it is given."""
+    if not ref.startswith("models:/"):
+        return ref
+    from mlflow import MlflowClient
+
+    name, _, rest = ref[len("models:/"):].partition("/")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        version, _, rest = rest.partition("/")
+        if not version.isdigit():  # models:/m-<id>: a logged model, found through the tracking server
+            return ref
+    source = client.get_model_version_download_uri(name, version)
+    return f"{source.rstrip('/')}/{rest}" if rest else source
+
+
 def local_path(ref: str | Path, tracking_uri: str | None = None) -> str:
     """A local folder holding the referenced model (downloaded into a fresh temporary
     folder when it lives in MLflow or on remote storage), or the hub id as it is."""
@@ -35,10 +56,9 @@ def local_path(ref: str | Path, tracking_uri: str | None = None) -> str:
     if is_mlflow_uri(ref):
         import mlflow.artifacts
 
-        return mlflow.artifacts.download_artifacts(
-            artifact_uri=ref, tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-            dst_path=tempfile.mkdtemp(prefix="llm2clip-model-"),
-        )
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return mlflow.artifacts.download_artifacts(artifact_uri=registry_source(ref, uri), tracking_uri=uri,
+                                                   dst_path=tempfile.mkdtemp(prefix="llm2clip-model-"))
     if ref.startswith("file://"):
         return ref[len("file://"):]
     if is_remote_uri(ref):

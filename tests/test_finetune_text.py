@@ -75,7 +75,12 @@ def test_run_is_tracked_with_per_step_loss_and_a_registered_model(zero2, cluster
     assert run.data.tags["llm2clip.output.encoder_version"] == summary["encoder_version"]
     name, version = summary["MLflow model URI"].removeprefix("models:/").split("/")
     mv = client.get_model_version(name, version)
-    assert mv.run_id == run_id and mv.tags["encoder_version"] == summary["encoder_version"]
+    assert mv.tags["encoder_version"] == summary["encoder_version"]
+    # this run's version, or that of an earlier run that saved the identical weights (a persistent
+    # MLflow, e.g. a second local session): never a second version of the same encoder
+    assert mv.run_id == run_id or client.get_run(mv.run_id).data.tags["llm2clip.output.encoder_version"] == summary["encoder_version"]
+    same = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("encoder_version") == summary["encoder_version"]]
+    assert len(same) == 1
 
 
 def test_embed_takes_the_registered_encoder(zero2, store, cluster):

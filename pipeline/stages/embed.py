@@ -25,6 +25,7 @@ from pipeline.config import EmbedConfig, PipelineConfig
 from pipeline.faults import crash_point
 from pipeline.hardware import resolve_precision
 from pipeline.metrics import caption_retrieval_accuracy
+from pipeline.model_refs import is_mlflow_uri, local_path
 from pipeline.plans import StagePlan, not_ready
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store, reject_row, utc_now
@@ -153,11 +154,7 @@ def resolve_encoder(cfg: PipelineConfig) -> str:
     ref = cfg.embed.encoder or cfg.models.llm
     if ref.startswith(ENCODER_VERSION_PREFIX):
         ref = _encoder_of_version(cfg, ref)
-    if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        import mlflow
-
-        return mlflow.artifacts.download_artifacts(artifact_uri=ref, tracking_uri=cfg.mlflow.tracking_uri)
-    return ref
+    return local_path(ref, cfg.mlflow.tracking_uri) if is_mlflow_uri(ref) else ref
 
 
 def _version_embedded_before(cfg: PipelineConfig, ref: str, options: dict[str, Any]) -> str | None:
