@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
 from pipeline.text_encoder import TextEncoder
 from pipeline.training import SampleSet
-from tests.conftest import MODELS_DIR, ingest_in_process, job_output, registered_step, run_stage_here, start_job, wait_for_checkpoint, write_config
+from tests.conftest import MODELS_DIR, ingest_in_process, job_output, registered_step, run_stage_here, start_job, write_config
 
 TINY = {
     "base_model": str(MODELS_DIR / "tiny-llama"),
@@ -106,10 +105,6 @@ def test_zero3_trains_with_two_workers(store, cluster):
     assert summary["steps"] == 4 and np.isfinite(summary["final loss"]) and summary["registered model"] is None
     assert set(summary["CRA after (fine-tuned)"]) >= {"heldout.original-vs-provided", "heldout.provided-vs-reordered"}
     assert TextEncoder.from_pretrained(summary["encoder path"]).encoder_version == summary["encoder_version"]
-
-
-def _wait_for_checkpoint(root: Path, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:
-    return wait_for_checkpoint(root / "run" / "ray_results", "finetune-text-", proc, at_least, timeout)
 
 
 def test_a_driver_killed_while_its_workers_save_a_checkpoint_resumes_from_the_last_registered(tmp_path, store, cluster, ray_session):

@@ -35,7 +35,6 @@ from pipeline.captioning import (
 )
 from pipeline.config import ImageLimits, PipelineConfig, RecaptionConfig
 from pipeline.stages.captioner import CaptionRequest, Captioner
-from pipeline.faults import crash_point
 from pipeline.hardware import resolve_precision
 from pipeline.images import inspect_image, read_ingested_bytes, to_rgb
 from pipeline.stages.ingest import caption_rows
@@ -326,7 +325,6 @@ def _caption(cfg: PipelineConfig, model: str, version: str, todo: pa.Table, line
             with captions.begin(version, lineage, existing_keys=existing) as txn:
                 txn.write(pa.Table.from_pylist(pending_captions, schema=STORE_SCHEMAS["captions"]))
                 commit = txn.commit({"counts": {"captions": len(pending_captions)}})
-                crash_point("recaption.committed")
             if commit:
                 result.commits.append(commit.commit_id)
                 result.captions_written += commit.num_rows
