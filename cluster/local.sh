@@ -50,7 +50,9 @@ export RAY_USAGE_STATS_ENABLED=0
 EOF
 }
 
-ray_up() { ray status --address "$RAY_ADDRESS" >/dev/null 2>&1; }
+# `ray status` retries for ~40 s when nothing listens: ask it only once the GCS port answers.
+port_open() { timeout 2 bash -c "</dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+ray_up() { port_open "$ray_port" && ray status --address "$RAY_ADDRESS" >/dev/null 2>&1; }
 mlflow_up() { curl -fsS "http://127.0.0.1:$mlflow_port/health" >/dev/null 2>&1; }
 
 start_ray() {
@@ -76,7 +78,7 @@ start_ray() {
 }
 
 start_mlflow() {
-  if mlflow_up; then echo "mlflow: already running at $MLFLOW_TRACKING_URI"; return; fi
+  if mlflow_up; then return; fi
   mkdir -p "$mlflow_dir/artifacts"
   # setsid: the server outlives this script and the shell that ran it.
   setsid "$venv/bin/mlflow" server --host 127.0.0.1 --port "$mlflow_port" \
@@ -84,6 +86,9 @@ start_mlflow() {
     --artifacts-destination "$mlflow_dir/artifacts" --workers 1 \
     >"$mlflow_dir/server.log" 2>&1 </dev/null &
   echo $! >"$mlflow_dir/server.pid"
+}
+
+wait_mlflow() {
   for _ in $(seq 1 120); do mlflow_up && break; sleep 1; done
   mlflow_up || { tail -20 "$mlflow_dir/server.log" >&2; echo "mlflow: server did not come up" >&2; exit 1; }
   echo "mlflow: tracking server at $MLFLOW_TRACKING_URI (store $mlflow_dir)"
@@ -119,8 +124,10 @@ stop_mlflow() {
 case "${1:-}" in
   up)
     write_env
-    start_ray
+    # The MLflow server starts while Ray does (each takes tens of seconds on a small machine).
     start_mlflow
+    start_ray
+    wait_mlflow
     echo "env: source $env_file"
     ;;
   down)

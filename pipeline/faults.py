@@ -5,8 +5,10 @@
 kills the process (SIGKILL, as a preemption or the OOM killer would) the third time it
 passes `crash_point("train.step")`. `train.checkpoint_saving@2:driver` kills the job's driver
 instead (a worker passing the point knows it from LLM2CLIP_DRIVER_PID): the driver dies at
-that moment of the workers' work, e.g. while a checkpoint is being saved. Several points are
-comma-separated. With LLM2CLIP_CRASH_ONCE_DIR set, a point fires once across processes (a
+that moment of the workers' work, e.g. while a checkpoint is being saved. `@step12` fires where
+the code passes step 12 (`crash_point(name, step=...)`), whichever process gets there: a drill
+stays deterministic when a killed worker group restarts and counts its passes anew. Several
+points are comma-separated. With LLM2CLIP_CRASH_ONCE_DIR set, a point fires once across processes (a
 marker file there), so the re-run of a drill, or a restarted worker, passes it. Ray workers and
 actors inherit the variables through the job's runtime_env (`pipeline.stages.runtime`).
 """
@@ -31,6 +33,8 @@ class Armed:
     """The pass that fires (counted per process)."""
     target: str = "self"
     """`self`: the process passing the point dies; `driver`: the job's driver does."""
+    step: int | None = None
+    """Fire where the code passes this training step instead (`@stepN`)."""
 
 
 def armed() -> dict[str, Armed]:
@@ -41,18 +45,25 @@ def armed() -> dict[str, Armed]:
         name, _, nth = item.partition("@")
         if target not in ("", "self", "driver"):
             raise ValueError(f"{CRASH_AT}: {item}:{target}: the target is self or driver")
-        out[name] = Armed(int(nth or 1), target or "self")
+        at_step = nth.startswith("step")
+        if not (nth.removeprefix("step") if at_step else nth or "1").isdigit():
+            raise ValueError(f"{CRASH_AT}: {item}: write name, name@N (Nth pass) or name@stepN")
+        out[name] = Armed(target=target or "self", step=int(nth[4:])) if at_step else Armed(int(nth or 1), target or "self")
     return out
 
 
-def crash_point(name: str) -> None:
+def crash_point(name: str, step: int | None = None) -> None:
     points = armed()
     if name not in points:
         return
     point = points[name]
-    _passes[name] += 1
-    if _passes[name] != point.nth:
-        return
+    if point.step is not None:
+        if step != point.step:
+            return
+    else:
+        _passes[name] += 1
+        if _passes[name] != point.nth:
+            return
     once = os.environ.get(CRASH_ONCE_DIR)
     if once:
         marker = Path(once) / name

@@ -200,18 +200,6 @@ def registered_step(results: Path, run_prefix: str) -> int:
     return best
 
 
-def job_train_workers() -> list:
-    """The live Ray Train workers of jobs other than this test process's own (a job started by
-    `start_job`): runs made in this process (`run_job_here`) may leave workers of their own."""
-    import ray
-    from ray.util.state import list_actors
-
-    own = ray.get_runtime_context().get_job_id()
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]) if a.pid and a.job_id != own]
-    assert workers, "no train workers of the started job found"
-    return workers
-
-
 def wait_for_checkpoint(results: Path, run_prefix: str, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:
     import time
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.faults import CRASH_AT, CRASH_ONCE_DIR
+from pipeline.faults import CRASH_AT, CRASH_ONCE_DIR, Armed, armed, crash_point
 from pipeline.stages.ingest import caption_rows
 from pipeline.store import Store, utc_now
 from schemas import STORE_SCHEMAS
@@ -101,3 +101,20 @@ def test_a_driver_target_kills_the_driver_not_the_process_passing_the_point(tmp_
     bad = {**env, CRASH_AT: "drill.point:elsewhere"}
     out = subprocess.run([sys.executable, "-c", worker], env=bad, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "the target is self or driver" in out.stderr
+
+
+def test_a_step_point_fires_where_the_step_is_passed_whatever_the_pass_count(monkeypatch):
+    """`@stepN`: a restarted worker group counts its passes anew, so drills name the step."""
+    monkeypatch.setenv(CRASH_AT, "train.step@step3:driver,store.put.before_move@2")
+    assert armed() == {"train.step": Armed(1, "driver", 3), "store.put.before_move": Armed(2, "self", None)}
+    fired = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: fired.append((pid, sig)))
+    monkeypatch.setenv("LLM2CLIP_DRIVER_PID", "4242")
+    for step in (1, 2, 4, 5):
+        crash_point("train.step", step=step)
+    assert fired == []
+    crash_point("train.step", step=3)
+    assert fired == [(4242, signal.SIGKILL)]
+    monkeypatch.setenv(CRASH_AT, "train.step@stepx")
+    with pytest.raises(ValueError, match="name@stepN"):
+        armed()

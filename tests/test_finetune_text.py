@@ -107,19 +107,23 @@ def test_zero3_trains_with_two_workers(store, cluster):
     assert TextEncoder.from_pretrained(summary["encoder path"]).encoder_version == summary["encoder_version"]
 
 
-def test_a_driver_killed_while_its_workers_save_a_checkpoint_resumes_from_the_last_registered(tmp_path, store, cluster, ray_session):
-    """The driver dies while the workers save a checkpoint (a crash point in a worker kills it):
-    the re-run resumes from the last checkpoint Ray Train registered, never from the half-saved
-    one, with its tensors, lr and position in the epoch. (A killed worker, whose group Ray Train
-    replaces, is drilled in test_train_clip on the same trainer.)"""
+def test_a_worker_killed_mid_step_then_the_driver_mid_save_resume_from_the_last_registered(tmp_path, store, cluster, ray_session):
+    """A worker dies mid-step (Ray Train replaces the group, which resumes from the last
+    checkpoint), then the driver dies while the new group saves a checkpoint (a crash point in a
+    worker kills it): the re-run resumes from the last checkpoint Ray Train registered, never from
+    the half-saved one, with its tensors, lr and position in the epoch."""
     root = tmp_path
     (root / "store").symlink_to(store / "store")
     # repeats make one epoch longer than the run, so the stop falls inside it
     pairs = [{"first": "original", "second": "provided", "repeat": 10}, {"first": "original", "second": "original", "repeat": 10}]
     config = _config(root, cluster, "faults", max_steps=24, epochs=10, checkpoint_every=4, register_as=None, seed=12, pairs=pairs)
-    # saves at steps 4, 8, 12: the driver dies in the third
-    proc = start_job("jobs.finetune_text", config, cluster, LLM2CLIP_CRASH_AT="train.checkpoint_saving@3:driver")
+    # saves at steps 4, 8, 12: a worker dies after step 6, the driver while the new group saves 12
+    proc = start_job("jobs.finetune_text", config, cluster, LLM2CLIP_CRASH_AT="train.step@step6,train.checkpoint_saving@step12:driver",
+                     LLM2CLIP_CRASH_ONCE_DIR=str(root / "fired"))
     assert proc.wait(timeout=600) == -signal.SIGKILL, job_output(proc)  # the crash point killed the driver
+    # both points fired: only a replaced group, resumed from 4 (or from scratch when the controller
+    # had not collected that save yet), reaches step 12
+    assert (root / "fired" / "train.step").is_file() and (root / "fired" / "train.checkpoint_saving").is_file()
     registered = registered_step(root / "run" / "ray_results", "finetune-text-")
     # a save counts once Ray Train's controller has collected every rank's report: 8, or 4 if the
     # driver died before it polled the workers again; never 12

@@ -65,6 +65,12 @@ class Captioner:
             engine["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if self.with_image:
             engine["limit_mm_per_prompt"] = {"image": 1}
+        if not use_gpu and cfg.tensor_parallel_size == 1:
+            # On CPU the engine core and its worker run in this process: two fewer Python processes
+            # to start (engine ready in ~4 s instead of ~20 s here, same output). On GPUs vLLM's
+            # engine process overlaps scheduling with the forward pass, so it stays.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            engine["distributed_executor_backend"] = "uni"
         self.llm = LLM(**engine)
         self.tokenizer = self.llm.get_tokenizer()
         if self.with_image:

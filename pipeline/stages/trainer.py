@@ -286,7 +286,7 @@ class _Loop:
                 if exported:
                     save_file({k: v.contiguous() for k, v in exported.items()}, str(Path(tmp) / EXPORT))
             dist.barrier()
-            crash_point("train.checkpoint_saving")  # the state is written, Ray Train has not registered it
+            crash_point("train.checkpoint_saving", step=state.step)  # the state is written, Ray Train has not registered it
             metrics = {"step": state.step, "epoch": state.epoch, "loss": state.last_loss if state.last_loss is not None else float("nan"),
                        **state.evaluation}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -312,7 +312,7 @@ class _Loop:
                 state.step += 1
                 state.trained.add(out.sample_ids)
                 state.last_loss = out.loss
-                crash_point("train.step")
+                crash_point("train.step", step=state.step)
                 step_s = time.perf_counter() - t0
                 waited += wait
                 self._log_step(out, step_s, wait)
