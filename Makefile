@@ -69,6 +69,7 @@ test: models datasets browser
 bench: models
 	$(PY) -m bench.embed
 	$(PY) -m bench.recaption
+	$(PY) -m bench.vllm_engine
 	$(PY) -m bench.train_clip
 
 clean-runs:
