@@ -71,14 +71,8 @@ def cluster():
 @pytest.fixture(scope="session")
 def ray_session(cluster):
     """This test process as a driver of the local cluster."""
-    import ray
-
-    from pipeline.stages.runtime import use_cluster_env
-
     saved = {k: os.environ.get(k) for k in cluster}
-    use_cluster_env(cluster)
-    if not ray.is_initialized():
-        ray.init(address=cluster["RAY_ADDRESS"], namespace="llm2clip-tests", log_to_driver=False)
+    connect_here(cluster)
     yield cluster
     for k, v in saved.items():
         if v is None:
@@ -120,6 +114,22 @@ def run_job(module: str, config: Path, cluster: dict[str, str], *extra: str, tim
     return subprocess.run(cmd, cwd=REPO, env=job_env(cluster), capture_output=True, text=True, timeout=timeout)
 
 
+def connect_here(cluster: dict[str, str] | None = None) -> None:
+    """This test process as a driver of the test cluster, before anything here uses Ray: Ray
+    Data in an unconnected process starts a private local Ray instead (and a test file run on
+    its own then drove two clusters)."""
+    import ray
+
+    from pipeline.stages.runtime import read_cluster_env, use_cluster_env
+
+    if ray.is_initialized():
+        return
+    env = cluster or read_cluster_env(str(TEST_RUN_DIR))
+    assert env, "the test cluster is not up: use the cluster fixture"
+    use_cluster_env(env)
+    ray.init(address=env["RAY_ADDRESS"], namespace="llm2clip-tests", log_to_driver=False)
+
+
 def run_job_here(module: str, config: Path, cluster: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     """A job's `main` in this test process, a driver of the test cluster already: for runs whose
     point is what the job does, not its process (a fresh interpreter's imports cost ~15 s here)."""
@@ -127,13 +137,7 @@ def run_job_here(module: str, config: Path, cluster: dict[str, str], *extra: str
     import importlib
     import io
 
-    import ray
-
-    from pipeline.stages.runtime import use_cluster_env
-
-    if not ray.is_initialized():
-        use_cluster_env(cluster)
-        ray.init(address=cluster["RAY_ADDRESS"], namespace="llm2clip-tests", log_to_driver=False)
+    connect_here(cluster)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = importlib.import_module(module).main(["--config", str(config), *extra])
@@ -166,6 +170,7 @@ def ingest_in_process(config: Path, *overrides: str) -> None:
     from pipeline.stages.ingest import run_ingest
     from pipeline.stages.tracking import Tracker
 
+    connect_here()
     run_ingest(load_config(config, list(overrides)), Tracker(None, None))
 
 

@@ -35,7 +35,9 @@ def use_cluster_env(env: dict[str, str], override: bool = True) -> None:
     for key, value in env.items():
         if override or key not in os.environ:
             os.environ[key] = value
-    if any(k.startswith("RAY_AUTH") for k in env):
+    # Only before connecting: a connected process has its token, and re-initialising Ray's
+    # config under a live core worker can cost it its raylet connection.
+    if any(k.startswith("RAY_AUTH") for k in env) and not ray.is_initialized():
         from ray._raylet import AuthenticationTokenLoader, Config
 
         Config.initialize("")
