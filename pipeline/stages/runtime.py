@@ -35,8 +35,8 @@ def use_cluster_env(env: dict[str, str], override: bool = True) -> None:
     for key, value in env.items():
         if override or key not in os.environ:
             os.environ[key] = value
-    # Only before connecting: a connected process has its token, and re-initialising Ray's
-    # config under a live core worker can cost it its raylet connection.
+    # Only before connecting: a connected process already holds its token, and the config of
+    # its live core worker is not ours to reset.
     if any(k.startswith("RAY_AUTH") for k in env) and not ray.is_initialized():
         from ray._raylet import AuthenticationTokenLoader, Config
 
