@@ -45,10 +45,12 @@ def armed() -> dict[str, Armed]:
         name, _, nth = item.partition("@")
         if target not in ("", "self", "driver"):
             raise ValueError(f"{CRASH_AT}: {item}:{target}: the target is self or driver")
-        at_step = nth.startswith("step")
-        if not (nth.removeprefix("step") if at_step else nth or "1").isdigit():
+        if nth.startswith("step") and nth[4:].isdigit():
+            out[name] = Armed(target=target or "self", step=int(nth[4:]))
+        elif (nth or "1").isdigit():
+            out[name] = Armed(int(nth or 1), target or "self")
+        else:
             raise ValueError(f"{CRASH_AT}: {item}: write name, name@N (Nth pass) or name@stepN")
-        out[name] = Armed(target=target or "self", step=int(nth[4:])) if at_step else Armed(int(nth or 1), target or "self")
     return out
 
 

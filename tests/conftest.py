@@ -4,6 +4,7 @@ ports, so a developer's demo cluster is left alone, and the prepared models."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,17 @@ def registered_step(results: Path, run_prefix: str) -> int:
         except (OSError, ValueError):
             pass
     return best
+
+
+def crash_job(module: str, config: Path, cluster: dict[str, str], points: list[str], fired: Path) -> str:
+    """A job armed with crash points (`pipeline.faults`; each fires once across processes, its
+    marker in `fired`): waits until one of them has killed the driver, checks that every point
+    fired, and returns the job's output."""
+    proc = start_job(module, config, cluster, LLM2CLIP_CRASH_AT=",".join(points), LLM2CLIP_CRASH_ONCE_DIR=str(fired))
+    assert proc.wait(timeout=600) == -signal.SIGKILL, job_output(proc)  # a crash point killed the driver
+    for point in points:
+        assert (fired / point.split("@")[0].split(":")[0]).is_file(), f"{point} did not fire"
+    return job_output(proc)
 
 
 def wait_for_checkpoint(results: Path, run_prefix: str, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:

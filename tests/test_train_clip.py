@@ -24,7 +24,7 @@ from pipeline.stages.train_clip import MEAN_R1
 from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
 from pipeline.training import SampleSet
-from tests.conftest import CLIP_TINY, clip_config, ingest_in_process, job_output, registered_step, run_stage_here, start_job
+from tests.conftest import CLIP_TINY, clip_config, crash_job, ingest_in_process, job_output, registered_step, run_stage_here, start_job
 
 TINY = CLIP_TINY
 # A killed-and-resumed run against the same recipe uninterrupted. Measured here: final loss 2.02
@@ -238,16 +238,13 @@ def test_a_worker_killed_mid_step_then_the_driver_mid_save_resume(tmp_path, trai
     root = tmp_path
     (root / "store").symlink_to(store / "store")
     config = _config(root, cluster, "kill", **MAIN, checkpoint_every=1, max_failures=2, register_as=None)
-    results, once = root / "run" / "ray_results", root / "fired"
+    results = root / "run" / "ray_results"
     with changed_since_ingest(bad["victim_uri"]):
         # step 3 of 4: a worker dies before saving it; step 4: the driver dies in the final save,
         # which only a replaced group can reach
-        proc = start_job("jobs.train_clip", config, cluster, LLM2CLIP_CRASH_AT="train.step@step3,train.checkpoint_saving@step4:driver",
-                         LLM2CLIP_CRASH_ONCE_DIR=str(once))
-        assert proc.wait(timeout=600) == -signal.SIGKILL, job_output(proc)
-        assert (once / "train.step").is_file() and (once / "train.checkpoint_saving").is_file()
-        # saves at steps 1-3 (the replaced group saved 3 again); a save counts once the controller
-        # has every rank's report, so the last may not; the half-saved step 4 never does
+        crash_job("jobs.train_clip", config, cluster, ["train.step@step3", "train.checkpoint_saving@step4:driver"], root / "fired")
+        # saves at steps 1 and 2, then the replaced group's 3; a save counts once the controller has
+        # every rank's report, so the last may not; the half-saved step 4 never does
         registered = registered_step(results, "train-clip-")
         assert 1 <= registered <= 3, registered
         time.sleep(3)
