@@ -60,7 +60,7 @@ demo: models datasets cluster-up
 	echo "stores:      $(LLM2CLIP_RUN_DIR)/store  (manifest, captions, embeddings, rejects)"; \
 	echo "models:      $(MODELS)"; \
 	echo "Ray:         $$RAY_DASHBOARD_ADDRESS  (stop Ray and MLflow with: make cluster-down)"; \
-	echo "MLflow:      $$($(PY) -c "import json; print(json.load(open('$(LLM2CLIP_RUN_DIR)/pipeline.json'))['mlflow run (parent)'])")"
+	echo "MLflow:      $$($(PY) -c "import json; print(json.load(open('$(LLM2CLIP_RUN_DIR)/pipeline.json'))['mlflow_url'])")"
 
 test: models datasets browser
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -31,7 +31,8 @@ from pipeline.config import load_config
 from pipeline.hardware import resolve_precision
 from pipeline.stages import runtime
 from pipeline.stages.ingest import run_ingest
-from pipeline.stages.recaption import run_recaption, select_images
+from pipeline.stages.caption_pass import select_images
+from pipeline.stages.recaption import run_recaption
 from pipeline.stages.tracking import Tracker
 
 TEXT_PROMPT = "Rewrite this short photo caption as a detailed description of the scene: {caption}"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.clip_data import PAYLOAD
 from pipeline.config import load_config
@@ -28,8 +28,10 @@ from pipeline.stages import runtime
 from pipeline.stages.embed import run_embed
 from pipeline.stages.ingest import run_ingest
 from pipeline.stages.tracking import Tracker
-from pipeline.stages.train_clip import CaptionPlan, ClipTask, TextSource, load_samples, run_train_clip, shuffle_buffer_rows, text_source
-from pipeline.stages.trainer import TrainPlan, fit, storage_path
+from pipeline.stages.clip_samples import ClipInputs, TextSource, load_samples, sample_rows
+from pipeline.stages.clip_task import ClipTask, shuffle_buffer_rows
+from pipeline.stages.train_clip import run_train_clip
+from pipeline.stages.trainer import TrainPlan, fit
 
 
 @dataclass
@@ -38,6 +40,11 @@ class OnlineClipTask(ClipTask):
 
     encoder_path: str = ""
     precision: str = "fp32"
+    text_dim: int = 0  # the LLM's embedding width: the adapter's input
+
+    @property
+    def model_config(self):
+        return replace(super().model_config, text_tower="llm", text_dim=self.text_dim)
 
     def build(self, ctx):
         from pipeline.text_encoder import TextEncoder
@@ -73,19 +80,19 @@ def main(argv: list[str] | None = None) -> dict:
         cached = run_train_clip(cfg, Tracker(None, None))
 
         tc = cfg.train_clip
-        source = text_source(cfg)  # the raw LLM's embeddings: the online run encodes with the same model
-        storage = storage_path(tc.settings(), cfg.run_dir)
-        data = load_samples(cfg, TextSource("clip"), CaptionPlan.of(cfg), storage)  # the same samples, with caption text
-        task = OnlineClipTask(
-            model_config=_model_config(cfg, source.dim), vision_path=tc.vision_model or cfg.models.vision, clip_text_path=None, tc=tc,
-            eval_versions={}, shuffle_buffer=shuffle_buffer_rows(tc.global_batch_size, tc.num_workers),
-            encoder_path=cfg.models.llm, precision=resolve_precision("auto", tc.use_gpu))
+        cached_inputs = ClipInputs.resolve(cfg)  # the raw LLM's embeddings: the online run encodes with the same model
+        text_inputs = replace(cached_inputs, source=TextSource("clip"))  # the same samples, with caption text
+        text_inputs = replace(text_inputs, samples=sample_rows(cfg, text_inputs.source, text_inputs.captions, text_inputs.storage))
+        data = load_samples(cfg, text_inputs)
+        task = OnlineClipTask(tc=tc, source=text_inputs.source, vision_path=text_inputs.vision, clip_text_path=None, eval_versions={},
+                              shuffle_buffer=shuffle_buffer_rows(tc.global_batch_size, tc.num_workers), encoder_path=cfg.models.llm,
+                              precision=resolve_precision("auto", tc.use_gpu), text_dim=cached_inputs.source.dim)
         per_step = tc.num_workers * tc.accum_steps
-        plan = TrainPlan(run_name="bench-online", total_steps=cached.steps, num_samples=data.num_train,
+        plan = TrainPlan(run_name="bench-online", total_steps=cached.steps, num_samples=data.meta.num_train,
                          micro_batch=tc.global_batch_size // per_step, precision=tc.precision, seed=tc.seed, trainer=tc.settings(),
                          optimizer=tc.optimizer(), accum_steps=tc.accum_steps)
-        online = fit(task, plan, {"train": data.train, "val": data.val}, storage).outcome
-    online_rate = online.timed_steps * tc.global_batch_size / online.step_seconds
+        online = fit(task, plan, data.datasets, text_inputs.storage).outcome.times
+    online_rate = online.steps * tc.global_batch_size / online.seconds
     report = {
         "benchmark": "train_clip", "scenes": args.scenes, "training_images": cached.train_images, "steps": cached.steps,
         "global_batch": tc.global_batch_size, "workers": tc.num_workers, "llm": cfg.models.llm.rsplit("/", 1)[-1],
@@ -99,17 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(report))
     return report
-
-
-def _model_config(cfg, text_dim: int):
-    import math
-
-    from pipeline.clip_model import LLM2CLIPConfig
-
-    tc = cfg.train_clip
-    return LLM2CLIPConfig(embed_dim=tc.embed_dim, text_tower="llm", text_dim=text_dim, adapter_blocks=tc.adapter_blocks,
-                          adapter_expansion=tc.adapter_expansion, init_logit_scale=math.log(1 / tc.init_temperature),
-                          image_size=tc.image_size)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,17 @@ class LLM2CLIPConfig:
     def load(cls, path: str | Path) -> LLM2CLIPConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    @classmethod
+    def of_model(cls, ref: str | Path) -> LLM2CLIPConfig | None:
+        """The config of a saved LLM2CLIP model (a path, storage or MLflow URI); None when `ref`
+        names another kind of model (a text encoder, a hub id)."""
+        try:
+            directory = _local_dir(ref)
+        except Exception:  # noqa: BLE001 - a hub id or an encoder URI its own loader resolves
+            return None
+        path = directory / MODEL_CONFIG
+        return cls.load(path) if path.is_file() else None
+
 
 def _local_dir(ref: str | Path) -> Path:
     """A local folder for a path, storage URI or MLflow model URI (`pipeline.model_refs`); a

@@ -11,7 +11,6 @@ only when given one (the import is deferred, so core runs without MLflow install
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -68,21 +67,3 @@ def local_path(ref: str | Path, tracking_uri: str | None = None) -> str:
         pafs.copy_files(ref, dest, destination_filesystem=pafs.LocalFileSystem())
         return dest
     return ref
-
-
-def publish_dir(local: str | Path, dest: str) -> str:
-    """Copy a finished local folder to `dest` (a local path or a filesystem URI) and return
-    `dest`. Locally the folder appears at once, by rename, or not at all."""
-    if is_remote_uri(dest):
-        import pyarrow.fs as pafs
-
-        pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem())
-        return dest
-    target = Path(dest.removeprefix("file://"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(local, staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return str(target)

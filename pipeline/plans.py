@@ -3,16 +3,19 @@
 Every stage has a cheap `plan_<stage>(cfg) -> StagePlan` that derives its output version from
 the rows it reads and its config (never from other versions or datasets in the stores), and
 says whether that output is complete. The pipeline job skips a stage whose output exists, so a
-re-run after a failure continues where it stopped and re-does nothing.
+re-run after a failure continues where it stopped and re-does nothing. A training stage's plan
+also carries what it resolved on the way (its inputs, the finished run's result), so the run
+that follows does not resolve them again.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
-from pipeline.store import put_atomically, resolve_filesystem
+from pipeline.store import read_record, resolve_filesystem, write_record
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,12 @@ class StagePlan:
         return f"{self.stage:<16} {action:<5} {self.shown_output:<44} {self.reason}"
 
 
-def not_ready(stage: str, why: str) -> StagePlan:
+P = TypeVar("P", bound=StagePlan)
+
+
+def not_ready(stage: str, why: str, kind: type[P] = StagePlan) -> P:
     """A stage whose inputs an earlier stage has not written yet."""
-    return StagePlan(stage, "", False, f"inputs not written yet ({why})")
+    return kind(stage, "", False, f"inputs not written yet ({why})")
 
 
 # ----------------------------------------------------------------- finished-run records
@@ -46,15 +52,10 @@ def result_path(storage: str, run_name: str) -> str:
     return f"{storage.rstrip('/')}/{run_name}/outputs/{RESULT_FILE}"
 
 
-def read_result(storage: str, run_name: str) -> dict[str, Any] | None:
-    fs, path = resolve_filesystem(result_path(storage, run_name))
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
-    except (FileNotFoundError, OSError):
-        return None
+def read_result(storage: str, run_name: str, kind: type[R]) -> R | None:
+    """The result a finished run recorded, as its stage's result type; None when it has not finished."""
+    return read_record(*resolve_filesystem(result_path(storage, run_name)), kind)
 
 
-def write_result(storage: str, run_name: str, result: dict[str, Any]) -> None:
-    fs, path = resolve_filesystem(result_path(storage, run_name))
-    put_atomically(fs, path, json.dumps(result, indent=2, default=str))
+def write_result(storage: str, run_name: str, result: object) -> None:
+    write_record(*resolve_filesystem(result_path(storage, run_name)), result)

@@ -21,10 +21,10 @@ import json
 import re
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,8 +32,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.faults import crash_point
+from pipeline.lineage import Lineage
+from pipeline.records import from_json, to_json
 from schemas import STORE_KEYS, STORE_SCHEMAS, VECTOR_STORES
 
+R = TypeVar("R")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -70,7 +73,7 @@ class Commit:
     files: tuple[str, ...]
     num_rows: int
     created_at: str
-    lineage: dict[str, Any] = field(default_factory=dict)
+    lineage: Lineage = field(default_factory=Lineage)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -81,7 +84,7 @@ class Commit:
                 "files": list(self.files),
                 "num_rows": self.num_rows,
                 "created_at": self.created_at,
-                "lineage": self.lineage,
+                "lineage": self.lineage.to_json(),
             },
             indent=2,
             sort_keys=True,
@@ -98,7 +101,7 @@ class Commit:
             files=tuple(d["files"]),
             num_rows=int(d["num_rows"]),
             created_at=d["created_at"],
-            lineage=d.get("lineage", {}),
+            lineage=Lineage.from_json(d.get("lineage") or {}),
         )
 
 
@@ -188,20 +191,17 @@ class Store:
         table = self.read(version, columns=list(self.key))
         return set(zip(*(table.column(k).to_pylist() for k in self.key)))
 
-    def lineage(self, version: str) -> list[dict[str, Any]]:
+    def lineage(self, version: str) -> list[Lineage]:
         """Lineage of every commit of a version, oldest first."""
-        return [
-            {"commit_id": c.commit_id, "created_at": c.created_at, "num_rows": c.num_rows, **c.lineage}
-            for c in self.commits(version)
-        ]
+        return [c.lineage for c in self.commits(version)]
 
     def schema_for(self, version: str, commits: list[Commit] | None = None) -> pa.Schema:
         """The expected schema; for vector stores (embeddings, features) the list size comes from the stored `dim`."""
         if self.name not in VECTOR_STORES:
             return STORE_SCHEMAS[self.name]
         for c in self.commits(version) if commits is None else commits:
-            if "dim" in c.lineage:
-                return VECTOR_STORES[self.name][1](int(c.lineage["dim"]))
+            if c.lineage.dim is not None:
+                return VECTOR_STORES[self.name][1](c.lineage.dim)
         return STORE_SCHEMAS[self.name]
 
     def _check_file_schema(self, path: str, expected: pa.Schema) -> None:
@@ -214,7 +214,7 @@ class Store:
             )
 
     # ----------------------------------------------------------------- writing
-    def append(self, version: str, table: pa.Table, lineage: dict[str, Any] | None = None) -> Commit | None:
+    def append(self, version: str, table: pa.Table, lineage: Lineage | None = None) -> Commit | None:
         """Atomically add the rows of `table` whose key is not yet in `version`.
 
         Returns the commit, or None when every row already existed (nothing written).
@@ -223,13 +223,13 @@ class Store:
             txn.write(table)
             return txn.commit()
 
-    def begin(self, version: str, lineage: dict[str, Any] | None = None, existing_keys: set[tuple] | None = None) -> Transaction:
+    def begin(self, version: str, lineage: Lineage | None = None, existing_keys: set[tuple] | None = None) -> Transaction:
         """Start an atomic commit: write one or more tables (or let Ray Data write files
         into `txn.staging_dir`), then `commit()`. Leaving the `with` block without
         committing removes the staged files. A writer that commits many times may pass
         the version's keys it keeps up to date (`existing_keys`), so they are not re-read."""
         _check_version(version)
-        return Transaction(self, version, lineage or {}, existing_keys)
+        return Transaction(self, version, lineage or Lineage(), existing_keys)
 
     def prepare(self, table: pa.Table) -> pa.Table:
         """Cast a table to the store's schema, with an error naming the bad column."""
@@ -281,10 +281,10 @@ class Store:
 class Transaction:
     """A commit in progress. Only `commit()` makes its rows visible."""
 
-    def __init__(self, store: Store, version: str, lineage: dict[str, Any], existing_keys: set[tuple] | None = None):
+    def __init__(self, store: Store, version: str, lineage: Lineage, existing_keys: set[tuple] | None = None):
         self.store = store
         self.version = version
-        self.lineage = dict(lineage)
+        self.lineage = lineage
         # Time-prefixed ids keep commit records in write order when listed by name.
         self.commit_id = f"{utc_now().strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}"
         self.staging_dir = f"{store.root}/{version}/data/{self.commit_id}"
@@ -322,7 +322,7 @@ class Transaction:
         crash_point("store.write.part_staged")
         return table.num_rows
 
-    def commit(self, extra_lineage: dict[str, Any] | None = None) -> Commit | None:
+    def commit(self, counts: dict[str, int] | None = None) -> Commit | None:
         """Publish the staged files atomically. Files written into `staging_dir` by other
         writers (Ray Data's `write_parquet`) are included and schema-checked, but not
         deduplicated by key: such writers must leave out rows the version already has."""
@@ -338,8 +338,8 @@ class Transaction:
                 if expected is None:
                     actual = meta.schema.to_arrow_schema()
                     vector = VECTOR_STORES.get(store.name, (None,))[0]
-                    if vector and pa.types.is_fixed_size_list(actual.field(vector).type):
-                        self.lineage.setdefault("dim", actual.field(vector).type.list_size)
+                    if vector and pa.types.is_fixed_size_list(actual.field(vector).type) and self.lineage.dim is None:
+                        self.lineage = replace(self.lineage, dim=actual.field(vector).type.list_size)
                     expected = store.schema_for(self.version, [_fake_commit(self.lineage)])
                 problems = schema_problems(meta.schema.to_arrow_schema(), expected)
                 if problems:
@@ -356,7 +356,7 @@ class Transaction:
             files=tuple(p[len(version_dir) + 1 :] for p in data_files),
             num_rows=num_rows,
             created_at=utc_now().isoformat(),
-            lineage={**self.lineage, **(extra_lineage or {})},
+            lineage=replace(self.lineage, counts=counts) if counts is not None else self.lineage,
         )
         crash_point("store.commit.before_record")
         # Writing the record is the commit point.
@@ -384,12 +384,26 @@ def put_atomically(fs: pafs.FileSystem, path: str, text: str) -> None:
     fs.move(tmp, path)
 
 
+def read_record(fs: pafs.FileSystem, path: str, kind: type[R]) -> R | None:
+    """A typed record that `write_record` wrote (`pipeline.records`), or None when there is none."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return from_json(kind, json.loads(f.read().decode()))
+    except (FileNotFoundError, OSError):  # object stores answer a missing key with an OSError
+        return None
+
+
+def write_record(fs: pafs.FileSystem, path: str, record: Any) -> None:
+    """A typed record as JSON, keyed by field name, written atomically."""
+    put_atomically(fs, path, json.dumps(to_json(record), indent=2))
+
+
 def reject_row(stage: str, record_id: str, reason: str, detail: str, time: datetime) -> dict[str, Any]:
     """One row of the rejects store."""
     return {"stage": stage, "record_id": record_id, "reason": reason, "detail": detail, "time": time}
 
 
-def _fake_commit(lineage: dict[str, Any]) -> Commit:
+def _fake_commit(lineage: Lineage) -> Commit:
     return Commit("", "", "", (), 0, "", lineage)
 
 

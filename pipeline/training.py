@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,15 @@ TRAIN_STATE = "train_state.json"
 
 
 # ----------------------------------------------------------------- schedule
+def total_steps(num_samples: int, global_batch: int, epochs: float, max_steps: int | None, section: str) -> int:
+    """Optimizer steps of a run: `epochs` of whole global batches, at most `max_steps`."""
+    steps_per_epoch = num_samples // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{section}: {num_samples} training samples are fewer than one global batch ({global_batch})")
+    return min(max_steps or 10**12, math.ceil(epochs * steps_per_epoch))
+
+
+
 def lr_factor(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
     """The lr multiplier at each step: linear warm-up over `warmup` steps (at most a tenth
     of the run, and at least one step), then linear or cosine decay to 0 at `total`."""
@@ -217,3 +227,39 @@ def state_digest(module: Any, optimizer_state: Any, lr: list[float]) -> str:
     feed(optimizer_state)
     feed([float(x) for x in lr])
     return h.hexdigest()[:32]
+
+
+# ----------------------------------------------------------------- step times and data wait
+@dataclass
+class StepTimes:
+    """Wall time of this attempt's steps, waiting for data included, and of that wait. Its
+    first step pays for start-up and is left out."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    wait_seconds: float = 0.0
+    epoch_start_wait_seconds: float = 0.0  # of the wait, for an epoch's first batch (Ray Data starts the pass)
+
+    def add(self, seconds: float, wait: float, epoch_start: bool) -> None:
+        self.steps, self.seconds, self.wait_seconds = self.steps + 1, self.seconds + seconds, self.wait_seconds + wait
+        self.epoch_start_wait_seconds += wait if epoch_start else 0.0
+
+    @property
+    def data_wait_fraction(self) -> float | None:
+        return self.wait_seconds / self.seconds if self.seconds else None
+
+    @property
+    def within_epoch_wait_fraction(self) -> float | None:
+        """The wait once an epoch's stream runs: what long epochs approach."""
+        return (self.wait_seconds - self.epoch_start_wait_seconds) / self.seconds if self.seconds else None
+
+
+_BLOCKED = re.compile(r"user thread is blocked by Ray Data iter_batches: ([\d.]+)(us|ms|s)\b")
+
+
+def ray_data_blocked_seconds(stats: str) -> float | None:
+    """'Total time user thread is blocked by Ray Data iter_batches: 1.2s' from `DataIterator.stats()`."""
+    match = _BLOCKED.search(stats or "")
+    if not match:
+        return None
+    return float(match.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[match.group(2)]

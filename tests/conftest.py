@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -145,24 +147,52 @@ def run_job_here(module: str, config: Path, cluster: dict[str, str], *extra: str
     return subprocess.CompletedProcess([module, *extra], rc, out.getvalue(), err.getvalue())
 
 
-def run_stage_here(module: str, config: Path, cluster: dict[str, str], *extra: str) -> dict:
-    """`run_stage` in this process (see `run_job_here`)."""
+def load_result(module: str, path: Path):
+    """The result a job wrote with --summary-json, as the job's result type (`main.result_type`)."""
+    import importlib
     import json
 
+    from pipeline.records import from_json
+
+    return from_json(importlib.import_module(module).main.result_type, json.loads(Path(path).read_text()))
+
+
+def run_stage_here(module: str, config: Path, cluster: dict[str, str], *extra: str):
+    """`run_stage` in this process (see `run_job_here`)."""
     path = config.parent / f"summary-{module.rsplit('.', 1)[-1]}-here-{len(list(config.parent.glob('summary-*')))}.json"
     out = run_job_here(module, config, cluster, "--summary-json", str(path), *extra)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    return json.loads(path.read_text())
+    return load_result(module, path)
 
 
-def run_stage(module: str, config: Path, cluster: dict[str, str], *extra: str, timeout: int = 900) -> dict:
-    """Run a job that must succeed; return its summary (written with --summary-json)."""
+def run_stage(module: str, config: Path, cluster: dict[str, str], *extra: str, timeout: int = 900):
+    """Run a job that must succeed; return its result (written with --summary-json, read back as its type)."""
     path = config.parent / f"summary-{module.rsplit('.', 1)[-1]}-{os.getpid()}-{len(list(config.parent.glob('summary-*')))}.json"
     out = run_job(module, config, cluster, "--summary-json", str(path), *extra, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    import json
+    return load_result(module, path)
 
-    return json.loads(path.read_text())
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, proc: subprocess.Popen | None = None, every: float = 0.2):
+    """Poll `condition` until it returns something true (returned), or fail after `timeout`
+    seconds naming `what`; a job `proc` that ends meanwhile fails at once, with its output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        assert proc is None or proc.poll() is None, job_output(proc)
+        time.sleep(every)
+    raise TimeoutError(f"{what} within {timeout:.0f} s")
+
+
+def wait_for_free_cpus(timeout: float = 120) -> None:
+    """Until every CPU of the test cluster is free again: a killed job's workers and actors are gone."""
+    import ray
+
+    connect_here()
+    wait_until(lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0) - 1e-6, timeout,
+               "the killed job's workers did not free their CPUs")
 
 
 def ingest_in_process(config: Path, *overrides: str) -> None:
@@ -218,16 +248,8 @@ def crash_job(module: str, config: Path, cluster: dict[str, str], points: list[s
 
 
 def wait_for_checkpoint(results: Path, run_prefix: str, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        step = registered_step(results, run_prefix)
-        if step >= at_least:
-            return step
-        assert proc.poll() is None, job_output(proc)
-        time.sleep(0.2)
-    raise TimeoutError("no checkpoint was registered")
+    return wait_until(lambda: (step := registered_step(results, run_prefix)) >= at_least and step, timeout,
+                      f"no checkpoint of step {at_least} or later was registered", proc)
 
 
 # ---------------------------------------------------------------- train-clip and sweep inputs

@@ -76,8 +76,8 @@ def test_ray_job_submit_runs_ingest(cluster, tmp_path, models):
     manifest = Store(str(store), "manifest").read("embedded")
     assert manifest.num_rows >= 24
     lineage = Store(str(store), "manifest").lineage("embedded")[0]
-    assert lineage["stage"] == "ingest" and lineage["code"]["source_sha256"]
-    assert json.dumps(lineage)  # serialisable
+    assert lineage.stage == "ingest" and lineage.code["source_sha256"]
+    assert json.dumps(lineage.to_json())  # serialisable
 
 
 def test_job_started_by_hand_joins_the_local_cluster(cluster, tmp_path, models):

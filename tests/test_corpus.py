@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.everyday import seeds
-from pipeline.stages.corpus import corpus_versions
-from pipeline.stages.finetune_text import pair_versions, training_pairs
+from pipeline.corpus_record import corpus_versions
+from pipeline.finetune_pairs import pair_versions, training_pairs
 from pipeline.store import Store
 from tests.conftest import MODELS_DIR, run_stage_here, write_config
 
@@ -37,16 +37,17 @@ def corpus(tmp_path_factory, cluster, models):
 
 
 def test_corpus_has_short_dense_and_paraphrase_versions(corpus):
-    root, config, summary = corpus
-    versions = summary["caption versions"]
-    assert set(versions) == {"seed", "short", "dense", "paraphrase"}
-    assert corpus_versions(load_config(config), "everyday") == versions
+    root, config, result = corpus
+    versions = result.versions
+    assert set(result.steps) == {"short", "dense", "paraphrase"} and versions.seed == "everyday.seed"
+    assert corpus_versions(load_config(config).store.uri, "everyday") == versions
     captions = Store(str(root / "store"), "captions")
-    short = captions.read(versions["short"])
-    assert summary["steps"]["short"]["captioned"] + summary["steps"]["short"]["rejected"] == 12
+    short = captions.read(versions.short)
+    assert {role: step.caption_version for role, step in result.steps.items()} == {r: getattr(versions, r) for r in result.steps}
+    assert result.steps["short"].captioned + result.steps["short"].rejected == 12
     assert short.num_rows >= 9  # SmolLM2 writes a usable caption for most seeds
     assert max(len(t.split()) for t in short.column("text").to_pylist()) <= 40
-    dense = captions.read(versions["dense"])
+    dense = captions.read(versions.dense)
     assert dense.num_rows >= 0.7 * short.num_rows
     mean = lambda table: sum(len(t.split()) for t in table.column("text").to_pylist()) / max(1, table.num_rows)  # noqa: E731
     assert mean(dense) > 2 * mean(short)  # the dense rewrite is longer than the short caption
@@ -56,8 +57,8 @@ def test_corpus_has_short_dense_and_paraphrase_versions(corpus):
 def test_corpus_rerun_writes_nothing(corpus, cluster):
     _, config, first = corpus
     again = run_stage_here("jobs.corpus", config, cluster)
-    assert again["caption versions"] == first["caption versions"]
-    assert all(step["captioned"] == 0 for step in again["steps"].values())
+    assert again.versions == first.versions
+    assert all(step.captioned == 0 for step in again.steps.values())
 
 
 def test_finetune_takes_corpus_pairs(corpus):
@@ -69,7 +70,8 @@ def test_finetune_takes_corpus_pairs(corpus):
     train, held_out = training_pairs(cfg)
     assert train.num_rows > 0 and set(held_out) == set(names)
     captions = Store(str(root / "store"), "captions")
-    texts = {role: set(captions.read(v).column("text").to_pylist()) for role, v in corpus_versions(cfg, "everyday").items()}
+    versions = corpus_versions(cfg.store.uri, "everyday")
+    texts = {role: set(captions.read(getattr(versions, role)).column("text").to_pylist()) for role in ("short", "dense", "paraphrase")}
     longer = texts["dense"] | texts["paraphrase"]
     pairs = list(zip(train.column("first").to_pylist(), train.column("second").to_pylist()))
     assert all((a in texts["short"] and b in longer) or (b in texts["short"] and a in longer) for a, b in pairs)

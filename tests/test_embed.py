@@ -15,7 +15,7 @@ from pipeline.faults import CRASH_AT, CRASH_ONCE_DIR
 from pipeline.stages.embed import plan_embed
 from pipeline.store import Store, utc_now
 from pipeline.text_encoder import TextEncoder
-from tests.conftest import MODELS_DIR, REPO, job_env, run_job_here, write_config
+from tests.conftest import MODELS_DIR, REPO, job_env, load_result, run_job_here, run_stage_here, write_config
 from tests.invariants import check_stores
 
 EMBED = {"caption_versions": ["original", "provided"], "actors": 1, "cpus_per_actor": 1, "batch_size": 64, "bidirectional": False}
@@ -36,11 +36,12 @@ def first_embed(ingested, cluster):
     once); Ray Data restarts it and retries the batch. The tests below check what was written."""
     root, config = ingested
     drill = {CRASH_AT: "embed.batch", CRASH_ONCE_DIR: str(root / "once")}  # its actors inherit them from the job's driver
-    out = subprocess.run([sys.executable, "-m", "jobs.embed", "--config", str(config)], cwd=REPO, capture_output=True, text=True,
-                         env={**job_env(cluster), **drill}, timeout=600)
+    summary = root / "first-embed.json"
+    out = subprocess.run([sys.executable, "-m", "jobs.embed", "--config", str(config), "--summary-json", str(summary)], cwd=REPO,
+                         capture_output=True, text=True, env={**job_env(cluster), **drill}, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert (root / "once" / "embed.batch").is_file()  # the actor was killed mid-batch
-    return out
+    return load_result("jobs.embed", summary)
 
 
 def _version(store) -> str:
@@ -57,7 +58,7 @@ def test_one_row_per_caption(ingested, first_embed):
     assert len(set(emb.column("caption_id").to_pylist())) == n_captions
     matrix = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
     assert matrix.shape == (n_captions, 576) and np.isfinite(matrix).all()
-    assert "written: %d" % n_captions in first_embed.stdout
+    assert first_embed.written == n_captions and first_embed.input_rows == n_captions
     check_stores(str(root / "store"))  # across the actor's kill: every version readable, no key twice
 
 
@@ -89,9 +90,8 @@ def test_second_run_writes_nothing(ingested, first_embed, cluster, ray_session):
     before = len(Store(str(root / "store"), "embeddings").commits(version))
     actors = _encoder_actors()
     assert actors >= 1  # the first run's are listed: the count can see them
-    out = run_job_here("jobs.embed", config, cluster)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "written: 0" in out.stdout
+    out = run_stage_here("jobs.embed", config, cluster)
+    assert out.written == 0 and out.skipped == out.input_rows == first_embed.written
     assert _encoder_actors() == actors  # nothing to do: no encoder actor was started
     assert len(Store(str(root / "store"), "embeddings").commits(version)) == before
 
@@ -100,7 +100,7 @@ def test_cra_is_logged_to_mlflow(first_embed, cluster):
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("llm2clip-tests")
     runs = client.search_runs([exp.experiment_id], "tags.`llm2clip.stage` = 'embed'")
-    run = next(r for r in runs if r.info.run_id in first_embed.stdout)
+    run = next(r for r in runs if r.info.run_id == first_embed.mlflow_run_id)
     for key in ("cra.short-short", "cra.short-dense"):
         assert 0.0 <= run.data.metrics[key] <= 1.0
     assert run.data.metrics["written"] > 0
@@ -119,20 +119,18 @@ def test_bad_captions_are_rejected_and_counts_reconcile(tmp_path, cluster, model
     )
     embed = EMBED | {"caption_versions": ["user"], "overlong": "reject", "max_length": 16, "cra_split": None}
     config = write_config(tmp_path / "c.yaml", store, cluster, embed=embed, models={"dir": str(MODELS_DIR), "llm": str(models["tiny-llama"])})
-    out = run_job_here("jobs.embed", config, cluster)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    out = run_stage_here("jobs.embed", config, cluster)
     version = _version(store)
     assert sorted(Store(str(store), "embeddings").read(version).column("caption_id").to_pylist()) == ["c-ok", "c-ok2"]
     rejects = {r["record_id"]: r["reason"] for r in Store(str(store), "rejects").read(f"embed.{version}").to_pylist()}
     assert rejects == {"c-empty": "empty_caption", "c-long": "too_long"}
-    assert "input captions: 4" in out.stdout and "written: 2" in out.stdout and "rejected: 2" in out.stdout
+    assert (out.input_rows, out.written, out.rejected) == (4, 2, 2) and out.reject_reasons == {"empty_caption": 1, "too_long": 1}
     # the plan: the rejects stand under the same config (nothing to do); truncate would embed the long one
     assert plan_embed(load_config(config)).exists
     assert plan_embed(load_config(config, ["embed.overlong=truncate"])).reason == "1 of 4 captions to embed"
     # truncate instead: the long caption is embedded (cut to max_length), only the empty one is rejected
-    out = run_job_here("jobs.embed", config, cluster, "--set", "embed.overlong=truncate")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "truncated: 1" in out.stdout and "written: 1" in out.stdout and "skipped (already embedded): 2" in out.stdout
+    out = run_stage_here("jobs.embed", config, cluster, "--set", "embed.overlong=truncate")
+    assert (out.truncated, out.written, out.skipped) == (1, 1, 2)
 
 
 def test_encoder_from_an_mlflow_uri(tmp_path, cluster, models):

@@ -12,13 +12,14 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.stages.tracking import run_id_of
-from tests.conftest import MODELS_DIR, ingest_in_process, run_job_here, write_config
+from pipeline.store import Store
+from tests.conftest import MODELS_DIR, REPO, ingest_in_process, load_result, run_job_here, write_config
 
 MODELS = {"dir": str(MODELS_DIR), "llm": str(MODELS_DIR / "tiny-llama")}
 
@@ -89,6 +90,7 @@ def evaluated(tmp_path_factory, cluster, models, ray_session):
         "sets": _sets(root),
         "cra_sets": ["everyday-pairs", str(root / "pairs.jsonl")],
         "output_dir": str(root / "reports"),
+        "precision": "fp32",  # as the figures below are worked out again (the bf16 path runs in test_pipeline)
     }
     config = write_config(root / "eval.yaml", root / "store", cluster, models=MODELS, evaluate=evaluate,
                           embedded={"num_scenes": 30, "image_size": 64})
@@ -96,22 +98,80 @@ def evaluated(tmp_path_factory, cluster, models, ray_session):
     summary_path = root / "summary.json"
     out = run_job_here("jobs.evaluate", config, cluster, "--summary-json", str(summary_path))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    summary = json.loads(summary_path.read_text())
-    return root, made, out.stdout, summary, json.loads((Path(summary["results json"])).read_text())
+    result = load_result("jobs.evaluate", summary_path)
+    return root, made, out.stdout, result, json.loads((Path(result.report_dir) / "results.json").read_text())
+
+
+def _unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _cra(first, second) -> float:
+    """Each of the 2N captions queries the other 2N-1 by cosine; a hit when its partner is first."""
+    e = _unit(np.concatenate([first, second]))
+    sims = e @ e.T
+    np.fill_diagonal(sims, -np.inf)
+    n = len(first)
+    return float(np.mean(sims.argmax(1) == np.concatenate([np.arange(n, 2 * n), np.arange(n)])))
+
+
+def _text_models(made: dict[str, Path]) -> dict:
+    """Each evaluated model's text embedding, loaded here, outside the job."""
+    from pipeline.baselines import MiniLMEncoder
+    from pipeline.clip_model import LLM2CLIP
+    from pipeline.text_encoder import TextEncoder
+
+    llm, minilm = TextEncoder.from_pretrained(MODELS_DIR / "tiny-llama"), MiniLMEncoder()
+    clips = {name: LLM2CLIP.from_pretrained(made[key]) for name, key in (("clip-llm", "llm"), ("clip-text", "clip"))}
+    return {"tiny-llama": llm.encode, "all-MiniLM-L6-v2": minilm.encode} | {n: (lambda t, m=m: m.embed_texts(t).numpy()) for n, m in clips.items()}
+
+
+def _top1(sims: np.ndarray, hits: np.ndarray) -> float:
+    """Recall@1: the best-scoring column of each row is one of its hits."""
+    return float(np.mean(hits[np.arange(len(sims)), sims.argmax(1)]))
 
 
 def test_every_model_and_set_is_in_the_report(evaluated):
-    _, _, _, summary, results = evaluated
-    assert summary["models"] == ["tiny-llama", "clip-llm", "clip-text", "all-MiniLM-L6-v2"]
+    """Every model's CRA, and the LLM2CLIP models' retrieval and zero-shot figures, as worked out
+    again here from the saved models and the files (the report's own scoring left out)."""
+    from pipeline.clip_model import LLM2CLIP
+    from pipeline.cra_sets import builtin_pairs, dataset_pairs
+    from pipeline.eval_sets import FASHION_MNIST_CLASSES
+
+    root, made, _, result, results = evaluated
+    assert result.models == ["tiny-llama", "clip-llm", "clip-text", "all-MiniLM-L6-v2"]
     rows = {r["model"]: r for r in results["rows"]}
-    # text encoders: CRA only; LLM2CLIP models: CRA in the joint space, retrieval, zero-shot
-    for model in rows:
-        assert rows[model]["everyday-pairs/cra"] is not None and rows[model]["pairs/cra"] is not None
-        assert rows[model]["heldout.short-dense/cra"] is not None
-    for model in ("clip-llm", "clip-text"):
-        for column in ("coco/i2t_r@1", "coco/t2i_r@10", "long/i2t_r@5", "heldout.short/i2t_r@1", "heldout.long/t2i_r@1",
-                       "vqa/i2t_r@1", "tree/top1", "fashion/top1", "fashion/top5"):
-            assert 0 <= rows[model][column] <= 1, (model, column)
+    manifest, captions = Store(str(root / "store"), "manifest"), Store(str(root / "store"), "captions")
+    originals_and_dense = pa.concat_tables([captions.read("original"), captions.read("provided")])
+    heldout = dataset_pairs(manifest.read("embedded"), originals_and_dense, "test")["short-dense"]
+    pairs = [(f"a cat number {i}", f"cat {i} again") for i in range(3)]
+    # text encoders: CRA only; LLM2CLIP models: CRA in the joint space
+    for model, encode in _text_models(made).items():
+        for column, cra_pairs in (("pairs/cra", pairs), ("everyday-pairs/cra", builtin_pairs("everyday-pairs")), ("heldout.short-dense/cra", heldout)):
+            expected = _cra(encode([a for a, _ in cra_pairs]), encode([b for _, b in cra_pairs]))
+            assert rows[model][column] == pytest.approx(expected, abs=1e-9), (model, column)
+    # LLM2CLIP models: long-caption retrieval, and zero-shot on the folder set and Fashion-MNIST
+    templates = [t for t in (REPO / "configs" / "zeroshot_templates.txt").read_text().splitlines() if t.strip() and not t.startswith("#")]
+    for model, key in (("clip-llm", "llm"), ("clip-text", "clip")):
+        clip = LLM2CLIP.from_pretrained(made[key])
+        dense = dict(zip(captions.read("provided").column("image_id").to_pylist(), captions.read("provided").column("text").to_pylist()))
+        long = [(r["uri"], dense[r["image_id"]]) for r in manifest.read("eval.long").to_pylist()]  # the captions as ingested
+        sims = _unit(clip.encode_image([uri for uri, _ in long]).numpy()) @ _unit(clip.embed_texts([text for _, text in long]).numpy()).T
+        assert rows[model]["long/i2t_r@1"] == pytest.approx(_top1(sims, np.eye(len(long), dtype=bool)), abs=1e-9), model
+        assert rows[model]["long/t2i_r@1"] == pytest.approx(_top1(sims.T, np.eye(len(long), dtype=bool)), abs=1e-9), model
+        classes = lambda names: _unit(np.stack([_unit(clip.embed_texts([t.format(c) for t in templates]).numpy()).mean(0) for c in names]))  # noqa: E731
+        tree = [(root / "tree" / cls / f"{s}.png", label) for label, (cls, seeds) in enumerate((("blue_things", (20, 21)), ("red_things", (10, 11, 12))))
+                for s in seeds]
+        scores = _unit(clip.encode_image([p for p, _ in tree]).numpy()) @ classes(["blue thing", "red thing"]).T
+        assert rows[model]["tree/top1"] == pytest.approx(np.mean(scores.argmax(1) == [label for _, label in tree]), abs=1e-9), model
+        fashion = manifest.read("eval.fashion").to_pylist()
+        assert len(fashion) == 30
+        scores = _unit(clip.encode_image([r["uri"] for r in fashion]).numpy()) @ classes(FASHION_MNIST_CLASSES).T
+        labels = np.array([json.loads(r["metadata"])["label"] for r in fashion])
+        top5 = np.argsort(-scores, axis=1)[:, :5]
+        assert rows[model]["fashion/top1"] == pytest.approx(np.mean(scores.argmax(1) == labels), abs=1e-9), model
+        assert rows[model]["fashion/top5"] == pytest.approx(np.mean([l in t for l, t in zip(labels, top5)]), abs=1e-9), model
     assert rows["tiny-llama"]["coco/i2t_r@1"] is None and "tree/top5" not in rows["clip-llm"]  # 2 classes: no top-5
     assert rows["all-MiniLM-L6-v2"]["everyday-pairs/cra"] > 0.8  # a real sentence encoder on hand-written pairs
     # chance and protocol beside every figure
@@ -149,19 +209,19 @@ def test_reported_retrieval_is_what_the_saved_model_does(evaluated):
 
 
 def test_report_files_hold_the_printed_numbers_and_plots(evaluated):
-    _, _, stdout, summary, _ = evaluated
-    md = Path(summary["report"]).read_text()
+    _, _, stdout, result, _ = evaluated
+    md = (Path(result.report_dir) / "results.md").read_text()
     printed = [line for line in stdout.splitlines() if re.match(r"^\| \S.* \| [0-9.]+ \|", line)]
     assert len(printed) > 20 and all(line in md for line in printed)
-    plots = {p.name for p in (Path(summary["report"]).parent / "plots").iterdir()}
+    plots = {p.name for p in (Path(result.report_dir) / "plots").iterdir()}
     assert {"cra_before_after.png", "recall_at_k.coco.png", "confusion.clip-llm.fashion.png",
             "similarity.clip-text.heldout.short.png"} <= plots
 
 
 def test_everything_is_logged_to_one_mlflow_run(evaluated, cluster):
-    _, _, stdout, summary, results = evaluated
+    _, _, _, result, results = evaluated
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    run_id = run_id_of(summary["mlflow run"])
+    run_id = result.mlflow_run_id
     run = client.get_run(run_id)
     row = next(r for r in results["rows"] if r["model"] == "clip-llm")
     assert run.data.metrics["clip-llm/coco/i2t_r1"] == pytest.approx(row["coco/i2t_r@1"])

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.faults import CRASH_AT, CRASH_ONCE_DIR, Armed, armed, crash_point
-from pipeline.stages.ingest import caption_rows
+from pipeline.captions import caption_rows
+from pipeline.lineage import Lineage
 from pipeline.store import Store, utc_now
 from schemas import STORE_SCHEMAS
 from tests.invariants import assert_kept, check_stores
@@ -27,12 +28,13 @@ REPO = Path(__file__).resolve().parent.parent
 WRITER = """
 import sys
 import pyarrow as pa
-from pipeline.stages.ingest import caption_rows
+from pipeline.captions import caption_rows
+from pipeline.lineage import Lineage
 from pipeline.store import Store, utc_now
 from schemas import STORE_SCHEMAS
 store = Store(sys.argv[1], "captions")
 rows = [r for i in range(20) for r in caption_rows(f"img{i}", [f"caption {i}"], "v", "original", utc_now())]
-with store.begin("v", {"stage": "drill"}) as txn:
+with store.begin("v", Lineage(stage="drill")) as txn:
     txn.write(pa.Table.from_pylist(rows[:10], schema=STORE_SCHEMAS["captions"]))
     txn.write(pa.Table.from_pylist(rows[10:], schema=STORE_SCHEMAS["captions"]))
     txn.commit()
@@ -51,7 +53,7 @@ def _write(uri: str, crash_at: str | None = None, once: Path | None = None) -> i
 
 def _seed(uri: str) -> None:
     rows = caption_rows("img-before", ["committed before the kill"], "v", "original", utc_now())
-    Store(uri, "captions").append("v", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["captions"]), {"stage": "seed"})
+    Store(uri, "captions").append("v", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["captions"]), Lineage(stage="seed"))
 
 
 @pytest.mark.parametrize("point, visible", [

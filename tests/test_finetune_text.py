@@ -4,19 +4,16 @@ hand-over to `jobs.embed`."""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
 from pipeline.text_encoder import TextEncoder
-from pipeline.training import SampleSet
-from tests.conftest import MODELS_DIR, crash_job, ingest_in_process, registered_step, run_stage_here, write_config
+from pipeline.training import TrainState
+from tests.conftest import MODELS_DIR, crash_job, ingest_in_process, registered_step, run_stage_here, wait_for_free_cpus, write_config
 
 TINY = {
     "base_model": str(MODELS_DIR / "tiny-llama"),
@@ -52,58 +49,58 @@ def zero2(store, cluster):
 
 
 def test_zero2_trains_and_hands_over_a_merged_encoder(zero2):
-    _, summary = zero2
-    assert summary["steps"] == 6 and np.isfinite(summary["final loss"])
-    encoder = TextEncoder.from_pretrained(summary["encoder path"])
-    assert encoder.encoder_version == summary["encoder_version"]
+    _, result = zero2
+    assert result.steps == 6 and np.isfinite(result.final_loss)
+    encoder = TextEncoder.from_pretrained(result.encoder_path)
+    assert encoder.encoder_version == result.encoder_version
     assert encoder.options.bidirectional and encoder.options.pooling == "mean"
-    assert summary["MLflow model URI"].startswith("models:/llm2clip-text-encoder/")
-    assert set(summary["CRA before (base model)"]) == set(summary["CRA after (fine-tuned)"]) >= {"scenes.short-dense"}
+    assert result.model_uri.startswith("models:/llm2clip-text-encoder/")
+    assert set(result.cra_before) == set(result.cra_after) >= {"scenes.short-dense"}
 
 
 def test_run_is_tracked_with_per_step_loss_and_a_registered_model(zero2, cluster):
-    _, summary = zero2
+    _, result = zero2
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    run_id = run_id_of(summary["mlflow run"])
+    run_id = result.mlflow_run_id
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # rank 0 only: one value per step
     assert len(client.get_metric_history(run_id, "train/lr")) == 6
     run = client.get_run(run_id)
     assert "cra_after.scenes.short-dense" in run.data.metrics and "cra_before.scenes.short-dense" in run.data.metrics
-    assert run.data.tags["llm2clip.output.encoder_version"] == summary["encoder_version"]
-    name, version = summary["MLflow model URI"].removeprefix("models:/").split("/")
+    assert run.data.tags["llm2clip.output.encoder_version"] == result.encoder_version
+    name, version = result.model_uri.removeprefix("models:/").split("/")
     mv = client.get_model_version(name, version)
-    assert mv.tags["encoder_version"] == summary["encoder_version"]
+    assert mv.tags["encoder_version"] == result.encoder_version
     # this run's version, or that of an earlier run that saved the identical weights (a persistent
     # MLflow, e.g. a second local session): never a second version of the same encoder
-    assert mv.run_id == run_id or client.get_run(mv.run_id).data.tags["llm2clip.output.encoder_version"] == summary["encoder_version"]
-    same = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("encoder_version") == summary["encoder_version"]]
+    assert mv.run_id == run_id or client.get_run(mv.run_id).data.tags["llm2clip.output.encoder_version"] == result.encoder_version
+    same = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("encoder_version") == result.encoder_version]
     assert len(same) == 1
 
 
 def test_embed_takes_the_registered_encoder(zero2, store, cluster):
-    config, summary = zero2
-    out = run_stage_here("jobs.embed", config, cluster, "--set", f"embed.encoder={summary['MLflow model URI']}")
-    assert out["encoder_version (embedding store version)"] == summary["encoder_version"]
-    assert summary["encoder_version"] in Store(str(store / "store"), "embeddings").versions()
+    config, result = zero2
+    out = run_stage_here("jobs.embed", config, cluster, "--set", f"embed.encoder={result.model_uri}")
+    assert out.encoder_version == result.encoder_version
+    assert result.encoder_version in Store(str(store / "store"), "embeddings").versions()
     # the other hand-over forms name the same encoder: its path and its encoder_version
     from pipeline.config import load_config
     from pipeline.stages.embed import resolve_encoder
 
-    for ref in (summary["encoder path"], summary["encoder_version"]):
+    for ref in (result.encoder_path, result.encoder_version):
         path = resolve_encoder(load_config(config, [f"embed.encoder={ref}"]))
-        assert TextEncoder.from_pretrained(path).encoder_version == summary["encoder_version"], ref
+        assert TextEncoder.from_pretrained(path).encoder_version == result.encoder_version, ref
     with pytest.raises(ValueError, match="embed.encoder: no encoder with encoder_version enc-0000000000000000"):
         resolve_encoder(load_config(config, ["embed.encoder=enc-0000000000000000"]))
 
 
 def test_zero3_trains_with_two_workers(store, cluster):
     pairs = [{"first": "original", "second": "provided"}, {"first": "provided", "reorder_sentences": True}]
-    summary = run_stage_here("jobs.finetune_text", _config(store, cluster, "zero3", zero_stage=3, max_steps=4, checkpoint_every=2,
-                                                      register_as=None, pairs=pairs), cluster)
-    assert summary["steps"] == 4 and np.isfinite(summary["final loss"]) and summary["registered model"] is None
-    assert set(summary["CRA after (fine-tuned)"]) >= {"heldout.original-vs-provided", "heldout.provided-vs-reordered"}
-    assert TextEncoder.from_pretrained(summary["encoder path"]).encoder_version == summary["encoder_version"]
+    result = run_stage_here("jobs.finetune_text", _config(store, cluster, "zero3", zero_stage=3, max_steps=4, checkpoint_every=2,
+                                                     register_as=None, pairs=pairs), cluster)
+    assert result.steps == 4 and np.isfinite(result.final_loss) and result.registered is None
+    assert set(result.cra_after) >= {"heldout.original-vs-provided", "heldout.provided-vs-reordered"}
+    assert TextEncoder.from_pretrained(result.encoder_path).encoder_version == result.encoder_version
 
 
 def test_a_worker_killed_mid_step_then_the_driver_mid_save_resume_from_the_last_registered(tmp_path, store, cluster, ray_session):
@@ -124,21 +121,21 @@ def test_a_worker_killed_mid_step_then_the_driver_mid_save_resume_from_the_last_
     # a save counts once Ray Train's controller has collected every rank's report: 8, or 4 if the
     # driver died before it polled the workers again; never 12
     assert registered in (4, 8), registered
-    time.sleep(3)
-    summary = run_stage_here("jobs.finetune_text", config, cluster)
-    assert summary["steps"] == 24 and summary["resumed from step"] == registered
-    assert summary["resume verified (tensors, optimizer, lr)"] is True  # every tensor as saved, not only the step
+    wait_for_free_cpus()
+    result = run_stage_here("jobs.finetune_text", config, cluster)
+    assert result.steps == 24 and result.resumed_from_step == registered
+    assert result.resume_verified is True  # every tensor as saved, not only the step
     # the data position: the epoch that spans the kill trained each of its pairs once
-    state = max((json.loads(p.read_text()) for p in (root / "run" / "ray_results").glob("finetune-text-*/checkpoint_*/train_state.json")),
-                key=lambda s: s["step"])
-    assert state["step"] == 24 and state["epoch"] == 0 and summary["training pairs"] > 8 * 24
-    assert len(SampleSet.from_json(state["trained"])) == 8 * (state["step"] - state["epoch_start_step"])
+    state = max((TrainState.from_json(p.read_text()) for p in (root / "run" / "ray_results").glob("finetune-text-*/checkpoint_*/train_state.json")),
+                key=lambda s: s.step)
+    assert state.step == 24 and state.epoch == 0 and result.train_pairs > 8 * 24
+    assert len(state.trained) == 8 * (state.step - state.epoch_start_step)
 
 
 def test_a_resumed_epoch_trains_exactly_the_pairs_it_had_not():
     import pandas as pd
 
-    from pipeline.stages.finetune_text import unseen_batches
+    from pipeline.training import unseen_batches
 
     frames = [pd.DataFrame({"pair_id": range(i, i + 5), "first": [f"t{j}" for j in range(i, i + 5)]}) for i in range(0, 20, 5)]
     seen = {0, 3, 4, 11, 19}
@@ -153,7 +150,7 @@ def test_reordered_pairs_keep_every_sentence_in_another_order():
     import pyarrow as pa
 
     from pipeline.config import PairSource
-    from pipeline.stages.finetune_text import reordered_pairs
+    from pipeline.finetune_pairs import reordered_pairs
 
     texts = ["A red cube sits left. A blue ball is on top! Is it big? Yes.", "One sentence only.", "Another caption. Of img0."]
     table = pa.table({"image_id": ["img0", "img1", "img0"], "text": texts})
@@ -170,7 +167,7 @@ def test_no_held_out_item_reaches_a_training_pair(store, cluster):
     """Items of `eval_split` are held out: none of them is in a training pair (a leak would
     inflate every CRA-after figure), and they are the held-out CRA sets."""
     from pipeline.config import load_config
-    from pipeline.stages.finetune_text import training_pairs
+    from pipeline.finetune_pairs import training_pairs
 
     cfg = load_config(_config(store, cluster, "held-out"))
     pairs, held_out = training_pairs(cfg)
@@ -186,7 +183,8 @@ def test_an_unrelated_dataset_in_the_stores_keeps_the_run_name(store, cluster):
     """The resume key hashes the pairs trained on: captions that other datasets add to the same
     caption versions (an evaluation set, say) leave it alone, so a rerun resumes."""
     from pipeline.config import load_config
-    from pipeline.stages.finetune_text import run_name_for, training_pairs
+    from pipeline.finetune_pairs import training_pairs
+    from pipeline.stages.finetune_text import run_name_for
 
     config = _config(store, cluster, "unrelated")
     cfg = load_config(config)

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.store import Store
 from tests.bad_images import EXPECTED, LIMITS, write_corpus
-from tests.conftest import run_job, write_config
-
-
-def _summary(stdout: str) -> str:
-    assert "== ingest finished" in stdout, stdout[-3000:]
-    return stdout.split("== ingest finished", 1)[1]
+from tests.conftest import run_stage, write_config
 
 
 @pytest.fixture(scope="module")
 def embedded_run(tmp_path_factory, cluster, models):
     root = tmp_path_factory.mktemp("ingest")
     config = write_config(root / "c.yaml", root / "store", cluster)
-    first = run_job("jobs.ingest", config, cluster)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-    return root, config, first
+    return root, config, run_stage("jobs.ingest", config, cluster)
 
 
 def test_embedded_default_is_ingested(embedded_run):
@@ -41,17 +35,15 @@ def test_embedded_default_is_ingested(embedded_run):
     assert originals.num_rows >= 3 * 24  # short caption + 2 paraphrases per scene
     assert set(dense.column("source").to_pylist()) == {"dense"}
     # every image keeps its split across runs: it is derived from the image id
-    assert "added: %d" % manifest.num_rows in _summary(first.stdout)
+    assert first.added == manifest.num_rows and first.input_rows == first.added + first.skipped + first.rejected
 
 
 def test_reingest_adds_nothing(embedded_run, cluster):
     root, config, _ = embedded_run
     stores = {n: Store(str(root / "store"), n) for n in ("manifest", "captions")}
     before = {n: len(s.commits(v)) for n, s in stores.items() for v in s.versions()}
-    second = run_job("jobs.ingest", config, cluster)
-    assert second.returncode == 0, second.stderr[-3000:]
-    summary = _summary(second.stdout)
-    assert "added: 0" in summary and "original/dense captions added: 0" in summary
+    second = run_stage("jobs.ingest", config, cluster)
+    assert second.added == 0 and second.captions_added == 0 and second.skipped == second.input_rows
     after = {n: len(s.commits(v)) for n, s in stores.items() for v in s.versions()}
     assert before == after  # no new commits, no duplicate rows
 
@@ -62,7 +54,7 @@ def test_mlflow_run_records_config_counts_and_lineage(embedded_run, cluster):
     exp = client.get_experiment_by_name("llm2clip-tests")
     runs = client.search_runs([exp.experiment_id], "tags.`llm2clip.stage` = 'ingest'", order_by=["attributes.start_time ASC"])
     assert runs
-    run = next(r for r in runs if r.info.run_id in first.stdout)
+    run = next(r for r in runs if r.info.run_id == first.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["added"] >= 28 and run.data.metrics["rejected"] == 0
     assert run.data.params["ingest.dataset"] == "embedded"
@@ -78,8 +70,8 @@ def test_bad_inputs_end_in_rejects_with_reasons(tmp_path, cluster, models):
         f.write(json.dumps({"image": "good.png", "captions": ["again"]}) + "\n")
     limits = {f"ingest.limits.{k}={v}" for k, v in LIMITS.items()}
     config = write_config(tmp_path / "c.yaml", tmp_path / "store", cluster)
-    out = run_job("jobs.ingest", config, cluster, "--set", f"ingest.source={listing}", "--set", "ingest.dataset=user", *[a for x in sorted(limits) for a in ("--set", x)])
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    out = run_stage("jobs.ingest", config, cluster, "--set", f"ingest.source={listing}", "--set", "ingest.dataset=user",
+                    *[a for x in sorted(limits) for a in ("--set", x)])
     rejects = Store(str(tmp_path / "store"), "rejects").read("ingest.user").to_pylist()
     by_file = {r["record_id"].rsplit("/", 1)[-1]: r["reason"] for r in rejects}
     expected_rejects = {n: r for n, r in EXPECTED.items() if r}
@@ -91,7 +83,6 @@ def test_bad_inputs_end_in_rejects_with_reasons(tmp_path, cluster, models):
     assert {u.rsplit("/", 1)[-1] for u in manifest.column("uri").to_pylist()} == accepted
     modes = dict(zip([u.rsplit("/", 1)[-1] for u in manifest.column("uri").to_pylist()], manifest.column("mode").to_pylist()))
     assert modes["cmyk.jpg"] == "CMYK" and modes["palette.png"] == "P" and modes["gray16.png"].startswith("I")
-    summary = _summary(out.stdout)
     total = len(EXPECTED) + 1
-    assert f"input rows: {total}" in summary and f"added: {len(accepted)}" in summary
-    assert f"rejected: {total - len(accepted)}" in summary
+    assert out.input_rows == total and out.added == len(accepted) and out.rejected == total - len(accepted)
+    assert out.reject_reasons == dict(Counter(r["reason"] for r in rejects))

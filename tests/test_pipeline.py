@@ -15,16 +15,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
+from pipeline.plans import read_result
 from pipeline.stages.pipeline import plan_pipeline
-from pipeline.stages.tracking import run_id_of
-from tests.conftest import MODELS_DIR, job_env, job_output, run_job_here, wait_for_checkpoint, write_config
+from pipeline.stages.train_clip import TrainClipResult
+from tests.conftest import (MODELS_DIR, job_env, job_output, load_result, run_job_here, wait_for_checkpoint, wait_for_free_cpus,
+                            write_config)
 from tests.invariants import assert_kept, check_stores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +68,7 @@ def _start(config: Path, cluster, log: str, **env) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory, cluster, models):
-    """The pipeline killed twice, then finished: (config, final summary, the store keys after each kill, logs)."""
+    """The pipeline killed twice, then finished: (config, final result, the store keys after each kill, logs)."""
     root = tmp_path_factory.mktemp("pipeline")
     config = _config(root, cluster)
     dry = run_job_here("jobs.pipeline", config, cluster, "--dry-run")
@@ -83,14 +84,14 @@ def killed(tmp_path_factory, cluster, models):
     step = wait_for_checkpoint(root / "run" / "ray_results", "train-clip-", second, at_least=2, timeout=900)
     os.killpg(second.pid, signal.SIGKILL)
     second.wait(timeout=60)
-    time.sleep(3)  # the cluster notices the dead driver and frees its workers' CPUs
+    wait_for_free_cpus()  # the cluster notices the dead driver and frees its workers' CPUs
     after_second = check_stores(str(root / "store"))
 
     # 3. the re-run (in this process: its process is not the point): finished stages skipped, train-clip resumed
     third = run_job_here("jobs.pipeline", config, cluster, "--summary-json", str(root / "run3.json"))
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-6000:]
-    summary = json.loads((root / "run3.json").read_text())
-    return {"config": config, "root": root, "dry": dry.stdout, "summary": summary, "checkpoint_step": step,
+    result = load_result("jobs.pipeline", root / "run3.json")
+    return {"config": config, "root": root, "dry": dry.stdout, "result": result, "checkpoint_step": step,
             "keys": [after_first, after_second], "logs": [job_output(p, 10**8) for p in (first, second)] + [third.stdout + third.stderr]}
 
 
@@ -100,23 +101,24 @@ def test_dry_run_says_what_would_run(killed):
 
 
 def test_a_crash_between_stages_and_a_kill_in_train_clip_resume(killed):
-    summary, logs = killed["summary"], killed["logs"]
+    result, logs = killed["result"], killed["logs"]
     assert "crash point pipeline.after.embed" in logs[0]
     assert "pipeline: corpus runs" not in logs[0]
     # run 2 skipped what run 1 finished; run 3 skipped everything before train-clip
     for stage in ("ingest", "recaption", "embed"):
         assert f"pipeline: {stage} skipped" in logs[1], stage
-    stages = summary["stages"]
+    actions = {r.stage: r.action for r in result.stages}
     for stage in STAGES[:6]:
-        assert stages[stage].startswith("skipped"), (stage, stages[stage])
+        assert actions[stage] == "skipped", (stage, actions[stage])
     assert "pipeline: corpus skipped: not used" in logs[1]  # these pairs read no corpus (test_corpus builds one)
-    assert stages["train-clip"].startswith("ran") and stages["evaluate"].startswith("ran")
-    # train-clip's own summary: resumed from the checkpoint registered before the kill
-    model_path = Path(summary["outputs"]["model_path"])
-    result = json.loads((model_path.parent / "result.json").read_text())
-    assert result["resumed_from_step"] is not None and result["resumed_from_step"] >= killed["checkpoint_step"]
-    assert result["steps"] >= result["resumed_from_step"] and not result["reused"]
-    assert result["resume_verified"] is True  # parameters, optimizer state and lr hashed as at the checkpoint
+    assert actions["train-clip"] == "ran" and actions["evaluate"] == "ran"
+    # train-clip's own result: resumed from the checkpoint registered before the kill
+    storage = str(killed["root"] / "run" / "ray_results")
+    trained = read_result(storage, Path(result.handover.model_path).parent.parent.name, TrainClipResult)
+    assert trained.model_path == result.handover.model_path
+    assert trained.resumed_from_step is not None and trained.resumed_from_step >= killed["checkpoint_step"]
+    assert trained.steps >= trained.resumed_from_step and not trained.reused
+    assert trained.resume_verified is True  # parameters, optimizer state and lr hashed as at the checkpoint
 
 
 def test_no_store_gains_a_duplicate_and_nothing_committed_is_lost(killed):
@@ -124,24 +126,23 @@ def test_no_store_gains_a_duplicate_and_nothing_committed_is_lost(killed):
     for before in killed["keys"]:
         assert_kept(before, final)
     # the handed-over versions are the ones in the stores
-    out = killed["summary"]["outputs"]
-    assert ("embeddings", out["embeddings"]) in final and ("embeddings", out["finetuned_embeddings"]) in final
-    assert ("captions", out["captions"]) in final and ("manifest", out["manifest"]) in final
+    out = killed["result"].handover
+    assert ("embeddings", out.embeddings) in final and ("embeddings", out.finetuned_embeddings) in final
+    assert ("captions", out.captions) in final and ("manifest", out.manifest) in final
 
 
 def test_outputs_are_handed_over_as_versions_paths_and_uris(killed):
-    out = killed["summary"]["outputs"]
-    assert out["encoder_version"].startswith("enc-") and out["finetuned_embeddings"] == out["encoder_version"]
-    assert out["embeddings"].startswith("enc-") and out["embeddings"] != out["encoder_version"]
-    assert Path(out["encoder_path"]).is_dir() and Path(out["model_path"]).is_dir()
-    assert out["model_uri"].startswith("models:/llm2clip-tests-pipeline-model/")
-    assert (Path(out["report"]) / "results.json").is_file()
+    out = killed["result"].handover
+    assert out.encoder_version.startswith("enc-") and out.finetuned_embeddings == out.encoder_version
+    assert out.embeddings.startswith("enc-") and out.embeddings != out.encoder_version
+    assert Path(out.encoder_path).is_dir() and Path(out.model_path).is_dir()
+    assert out.model_uri.startswith("models:/llm2clip-tests-pipeline-model/")
+    assert (Path(out.report) / "results.json").is_file()
 
 
 def test_parent_run_holds_nested_stage_runs_and_the_lineage(killed, cluster):
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    url = killed["summary"]["mlflow run (parent)"]
-    parent_id = url.split("/runs/")[1].split("?")[0]
+    parent_id = killed["result"].mlflow_run_id
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     experiment = client.get_experiment(parent.info.experiment_id)
@@ -152,9 +153,9 @@ def test_parent_run_holds_nested_stage_runs_and_the_lineage(killed, cluster):
     lineage = json.loads(Path(client.download_artifacts(parent_id, "lineage.json", str(killed["root"]))).read_text())
     kinds = {n["kind"] for n in lineage["nodes"]}
     assert {"manifest", "captions", "embeddings", "encoder", "llm2clip", "report"} <= kinds
-    out = killed["summary"]["outputs"]
+    out = killed["result"].handover
     produced_model = [e for e in lineage["edges"] if e["to"].startswith("llm2clip:")]
-    assert f"embeddings:{out['encoder_version']}" in {e["from"] for e in produced_model}
+    assert f"embeddings:{out.encoder_version}" in {e["from"] for e in produced_model}
     comparison = json.loads(Path(client.download_artifacts(parent_id, "comparison.json", str(killed["root"]))).read_text())
     assert [row[0] for row in comparison["data"]] == ["llm (raw)", "llm (fine-tuned)", "llm2clip"]
 
@@ -168,18 +169,18 @@ def rerun(killed, cluster):
     out = run_job_here("jobs.pipeline", killed["config"], cluster, "--summary-json", str(killed["root"] / "run4.json"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     after = {n: versions(n) for n in before}
-    return before, after, json.loads((killed["root"] / "run4.json").read_text()), out.stdout
+    return before, after, load_result("jobs.pipeline", killed["root"] / "run4.json"), out.stdout
 
 
 def test_a_finished_pipeline_does_nothing_and_registers_nothing(rerun, killed, cluster):
-    before, after, summary, stdout = rerun
-    assert all(v.startswith("skipped") for v in summary["stages"].values()), summary["stages"]
+    before, after, result, stdout = rerun
+    assert all(r.action == "skipped" for r in result.stages), result.stages
     assert before == after and all(after.values())  # registered once, by the run that trained
-    assert summary["outputs"] == killed["summary"]["outputs"]
-    assert summary["mlflow run (parent)"] == killed["summary"]["mlflow run (parent)"]  # the same parent run, reopened
+    assert result.handover == killed["result"].handover
+    assert result.mlflow_run_id == killed["result"].mlflow_run_id  # the same parent run, reopened
     assert "| llm2clip |" in stdout  # the comparison table is printed again
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    parent_id = run_id_of(summary["mlflow run (parent)"])
+    parent_id = result.mlflow_run_id
     comparison = json.loads(Path(client.download_artifacts(parent_id, "comparison.json", str(killed["root"] / "dl"))).read_text())
     assert len(comparison["data"]) == 3  # replaced, not appended to
 
@@ -189,7 +190,7 @@ def test_unrelated_data_in_the_stores_changes_no_plan(rerun, killed):
     stage's plan (its output version and that it exists) stays as it was."""
     import pyarrow as pa
 
-    from pipeline.stages.ingest import caption_rows
+    from pipeline.captions import caption_rows
     from pipeline.store import Store, utc_now
     from schemas import STORE_SCHEMAS
     from tests.conftest import ingest_in_process
@@ -210,9 +211,9 @@ def test_mlflow_review_in_a_real_browser(rerun, cluster, tmp_path):
     runs, the stages are nested under it, the comparison table and a metric chart are shown."""
     from tests.browser import review_parent_run
 
-    _, _, summary, _ = rerun
+    _, _, result, _ = rerun
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    parent_id = run_id_of(summary["mlflow run (parent)"])
+    parent_id = result.mlflow_run_id
     experiment_id = client.get_run(parent_id).info.experiment_id
     shots = Path(os.environ.get("LLM2CLIP_SCREENSHOTS", tmp_path))
     (train,) = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.mlflow.runName = 'train-clip'")

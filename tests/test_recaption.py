@@ -17,7 +17,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
 from pipeline.versioning import stable_hash
 from schemas import STORE_SCHEMAS
@@ -53,8 +52,7 @@ def text_run(tmp_path_factory, cluster, models):
                             env={**job_env(cluster), "LLM2CLIP_CRASH_AT": "store.commit.before_record@2"}, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
     after_kill = check_stores(str(root / "store"))
-    summary = run_stage_here("jobs.recaption", config, cluster)
-    return root, config, summary, after_kill
+    return root, config, run_stage_here("jobs.recaption", config, cluster), after_kill
 
 
 LONG_CAPTION = "a red circle beside a small blue square on a white table, " * 400  # ~5,000 tokens: over max_model_len 4096
@@ -76,14 +74,13 @@ def originals_of(root) -> list[str]:
 
 
 def test_a_run_killed_inside_its_second_commit_keeps_the_first_and_the_rerun_captions_the_rest(text_run):
-    root, _, summary, after_kill = text_run
-    version = summary["caption_version (caption store version)"]
+    root, _, result, after_kill = text_run
+    version = result.caption_version
     kept = after_kill[("captions", version)]
     assert 1 <= len(kept) <= 4  # the first commit (commit_every 4 items) was in before the kill
     final = check_stores(str(root / "store"))  # every version readable, no key twice
     assert_kept(after_kill, final)
-    done_before = summary["skipped (already captioned)"] + summary["skipped (rejected before; recaption.retry_rejected re-tries)"]
-    assert done_before >= 1 and summary["input images"] == done_before + summary["captioned"] + summary["rejected"]
+    assert result.skipped >= 1 and result.input_images == result.skipped + result.captioned + result.rejected
     store = root / "store"
     for name, version in (("captions", version), ("rejects", f"recaption.{version}")):  # what the dead commit staged is cleared
         committed = {c.commit_id for c in Store(str(store), name).commits(version)}
@@ -93,10 +90,10 @@ def test_a_run_killed_inside_its_second_commit_keeps_the_first_and_the_rerun_cap
 
 
 def test_text_mode_expands_every_original_caption(text_run):
-    root, _, summary, _ = text_run
-    version = summary["caption_version (caption store version)"]
+    root, _, result, _ = text_run
+    version = result.caption_version
     assert re.fullmatch(r"text-[0-9a-f]{12}", version)
-    assert summary["generated tokens"] > 0
+    assert result.generated_tokens > 0
     captions = Store(str(root / "store"), "captions")
     dense = captions.read(version)
     rejects = Store(str(root / "store"), "rejects")
@@ -117,17 +114,16 @@ def test_text_mode_expands_every_original_caption(text_run):
         assert r["text"].rstrip("\"')]").endswith((".", "!", "?")), r["text"]
     lineage = captions.lineage(version)
     assert len(lineage) >= 2  # committed in chunks of commit_every
-    assert {c["caption_version"] for c in lineage} == {version}
-    assert lineage[0]["inputs"][0]["store"] == "manifest" and lineage[0]["model_fingerprint"].startswith("smollm2")
+    assert {c.caption_version for c in lineage} == {version}
+    assert lineage[0].inputs[0].store == "manifest" and lineage[0].model_fingerprint.startswith("smollm2")
 
 
 def test_text_mode_run_is_tracked_in_mlflow(text_run, cluster):
-    _, _, summary, _ = text_run
-    run_id = run_id_of(summary["mlflow run"])
-    run = MlflowClient(cluster["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    _, _, result, _ = text_run
+    run = MlflowClient(cluster["MLFLOW_TRACKING_URI"]).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["llm2clip.output.captions"] == summary["caption_version (caption store version)"]
-    assert run.data.metrics["captioned"] == summary["captioned"] and run.data.metrics["generated_tokens"] > 0
+    assert run.data.tags["llm2clip.output.captions"] == result.caption_version
+    assert run.data.metrics["captioned"] == result.captioned and run.data.metrics["generated_tokens"] > 0
     assert run.data.params["recaption.mode"] == "text"
 
 
@@ -140,28 +136,28 @@ def _caption_actors() -> int:
 
 def test_rerun_captions_nothing_new(text_run, cluster, ray_session):
     root, config, first, _ = text_run
-    version = first["caption_version (caption store version)"]
+    version = first.caption_version
     commits = len(Store(str(root / "store"), "captions").commits(version))
     actors = _caption_actors()
     assert actors >= 1  # the first run's engine is listed: the count can see one
     again = run_stage_here("jobs.recaption", config, cluster)
     assert _caption_actors() == actors  # nothing to do: no actor, so no vLLM engine, was started
-    assert again["caption_version (caption store version)"] == version
-    assert again["captioned"] == 0 and again["rejected"] == 0 and again["generated tokens"] == 0
-    assert again["input images"] == 10
+    assert again.caption_version == version
+    assert again.captioned == 0 and again.rejected == 0 and again.generated_tokens == 0
+    assert again.input_images == 10
     assert len(Store(str(root / "store"), "captions").commits(version)) == commits
 
 
 def test_new_prompt_makes_a_second_version_beside_the_first(text_run, cluster):
     root, config, first, _ = text_run
-    v1 = first["caption_version (caption store version)"]
+    v1 = first.caption_version
     captions = Store(str(root / "store"), "captions")
     before = captions.read(v1)
     second = run_stage_here("jobs.recaption", config, cluster, "--set", "recaption.prompt=Describe the photo behind this alt-text in two sentences: {caption}",
                        "--set", "recaption.limit_images=3")
-    v2 = second["caption_version (caption store version)"]
+    v2 = second.caption_version
     assert v2 != v1 and {v1, v2} <= set(captions.versions())
-    assert second["captioned"] + second["rejected"] == 3
+    assert second.captioned + second.rejected == 3
     assert captions.read(v1).equals(before)  # the old version is untouched
     assert set(captions.read(v2).column("prompt_id").to_pylist()) != set(before.column("prompt_id").to_pylist())
 
@@ -203,11 +199,11 @@ def image_run(tmp_path_factory, cluster, models):
 
 
 def test_image_mode_sees_the_images(image_run):
-    root, summary, _ = image_run
-    version = summary["caption_version (caption store version)"]
+    root, result, _ = image_run
+    version = result.caption_version
     assert version.startswith("image-")
     captions = Store(str(root / "store"), "captions").read(version)
-    assert summary["captioned"] == captions.num_rows == 32, summary
+    assert result.captioned == captions.num_rows == 32, result
     # Greedy decoding with one prompt: only the image differs, so different outputs
     # prove the pixels reach the model.
     assert len(set(captions.column("text").to_pylist())) == 32
@@ -217,21 +213,21 @@ def test_rejected_images_are_retried_only_when_asked(image_run):
     """A re-run skips the images rejected before (their fault, not the engine's); with
     `recaption.retry_rejected: true` it selects them again."""
     from pipeline.config import load_config
-    from pipeline.stages.recaption import select_images
+    from pipeline.stages.caption_pass import select_images
 
-    root, summary, _ = image_run
-    version = summary["caption_version (caption store version)"]
+    root, result, _ = image_run
+    version = result.caption_version
     rejects = Store(str(root / "store"), "rejects").read(f"recaption.{version}").to_pylist()
     rejected = {r["record_id"].split("#")[0] for r in rejects if r["reason"] != "generation_error"}
     todo, items, skipped, rejected_before = select_images(load_config(root / "c.yaml"), version)
-    assert todo.num_rows == 0 and rejected_before == len(rejected) == summary["rejected"] and items == summary["input images"]
+    assert todo.num_rows == 0 and rejected_before == len(rejected) == result.rejected and items == result.input_images
     todo, _, _, rejected_before = select_images(load_config(root / "c.yaml", ["recaption.retry_rejected=true"]), version)
     assert rejected_before == 0 and set(todo.column("image_id").to_pylist()) == rejected
 
 
 def test_image_mode_rejects_bad_input_with_reasons(image_run):
-    root, summary, bad = image_run
-    version = summary["caption_version (caption store version)"]
+    root, result, bad = image_run
+    version = result.caption_version
     rejects = Store(str(root / "store"), "rejects").read(f"recaption.{version}").to_pylist()
     by_id = {r["record_id"]: r["reason"] for r in rejects}
     manifest = {r["uri"].rsplit("/", 1)[1]: r["image_id"] for r in Store(str(root / "store"), "manifest").read("corpus").to_pylist()}
@@ -239,6 +235,6 @@ def test_image_mode_rejects_bad_input_with_reasons(image_run):
         assert by_id[manifest[name]] == EXPECTED[name], name
     assert by_id[manifest["random0.png"]] == "missing_file"
     assert by_id[manifest["random1.png"]] == "changed_since_ingest"
-    assert summary["input images"] == 32 + 2 + len(bad)
-    assert summary["rejected"] == 2 + len(bad)
-    assert summary["input images"] == summary["captioned"] + summary["skipped (already captioned)"] + summary["rejected"]
+    assert result.input_images == 32 + 2 + len(bad)
+    assert result.rejected == 2 + len(bad)
+    assert result.input_images == result.captioned + result.already_captioned + result.rejected

@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.stages.tracking import run_id_of
+from pipeline.stages.refresh import refresh_records
+from pipeline.config import load_config
 from pipeline.store import Store
 from tests.conftest import MODELS_DIR, TINY_VLM_RECAPTION, run_job, run_job_here, run_stage_here, write_config
 
@@ -45,12 +46,11 @@ def refreshes(tmp_path_factory, cluster, models):
 
 def test_first_refresh_ingests_captions_and_embeds_everything(refreshes):
     root, _, (first, _, _) = refreshes
-    assert first["status"] == "succeeded" and first["last refresh"] is None
-    steps = first["steps"]
-    assert steps["ingest"]["added"] == 5
-    assert steps["recaption"]["captioned"] == 5
-    assert steps["embed"]["written"] == 10  # 5 originals + 5 dense captions
-    version = steps["recaption"]["caption_version (caption store version)"]
+    assert first.status == "succeeded" and first.last_refresh is None
+    assert first.ingest.added == 5
+    assert first.recaption.captioned == 5
+    assert first.embed.written == 10  # 5 originals + 5 dense captions
+    version = first.recaption.caption_version
     emb = Store(str(root / "store"), "embeddings")
     (ev,) = emb.versions()
     dense_ids = set(Store(str(root / "store"), "captions").read(version).column("caption_id").to_pylist())
@@ -59,27 +59,36 @@ def test_first_refresh_ingests_captions_and_embeds_everything(refreshes):
 
 def test_second_refresh_handles_only_the_new_images(refreshes):
     root, _, (first, second, _) = refreshes
-    assert second["last refresh"] == first["started_at"]
-    assert second["images added to the manifest since the last refresh"] == 3
-    steps = second["steps"]
-    assert steps["ingest"]["added"] == 3 and steps["ingest"]["skipped (already in manifest)"] == 5
-    assert steps["recaption"]["captioned"] == 3 and steps["recaption"]["skipped (already captioned)"] == 5
-    assert steps["embed"]["written"] == 6 and steps["embed"]["skipped (already embedded)"] == 10
+    assert second.last_refresh == first.started_at
+    assert second.new_images_since_last_refresh == 3
+    assert second.ingest.added == 3 and second.ingest.skipped == 5
+    assert second.recaption.captioned == 3 and second.recaption.already_captioned == 5
+    assert second.embed.written == 6 and second.embed.skipped == 10
 
 
 def test_refresh_with_nothing_new_does_nothing(refreshes):
     _, _, (_, _, third) = refreshes
-    steps = third["steps"]
-    assert third["images added to the manifest since the last refresh"] == 0
-    assert steps["ingest"]["added"] == 0
-    assert steps["recaption"]["captioned"] == 0 and steps["recaption"]["generated tokens"] == 0
-    assert steps["embed"]["written"] == 0
+    assert third.new_images_since_last_refresh == 0
+    assert third.ingest.added == 0
+    assert third.recaption.captioned == 0 and third.recaption.generated_tokens == 0
+    assert third.embed.written == 0
+
+
+def test_the_refresh_record_is_the_result(refreshes):
+    """What `--status` and the next refresh read back is each refresh's result as it ended."""
+    _, config, results = refreshes
+    records = refresh_records(load_config(config), "incoming")
+    assert [r.started_at for r in records[:3]] == [r.started_at for r in results]
+    for record, result in zip(records, results):
+        assert record.finished_at and record.status == "succeeded"
+        assert (record.ingest, record.recaption, record.embed) == (result.ingest, result.recaption, result.embed)
+        assert record.mlflow_run_id == result.mlflow_run_id and record.manifest_commits
 
 
 def test_steps_are_nested_mlflow_runs(refreshes, cluster):
     _, _, (first, _, _) = refreshes
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    parent = client.get_run(run_id_of(first["mlflow run"]))
+    parent = client.get_run(first.mlflow_run_id)
     assert parent.data.tags["llm2clip.stage"] == "refresh" and parent.data.tags["llm2clip.refresh.status"] == "succeeded"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["llm2clip.stage"] for r in children) == ["embed", "ingest", "recaption"]

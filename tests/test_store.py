@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.lineage import Lineage, StoreInput
 from pipeline.store import SchemaMismatchError, Store, StoreError, VersionNotFoundError
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -38,14 +39,14 @@ def captions_table(n: int, start: int = 0) -> pa.Table:
 
 def test_append_read_and_lineage(tmp_path):
     store = Store(str(tmp_path), "captions")
-    commit = store.append("v1", captions_table(10), {"stage": "test", "inputs": ["x"]})
+    lineage = Lineage(stage="test", inputs=[StoreInput("manifest", "m", ["c1"])], counts={"rows": 10})
+    commit = store.append("v1", captions_table(10), lineage)
     assert commit is not None and commit.num_rows == 10
     assert store.versions() == ["v1"]
     table = store.read("v1")
     assert table.num_rows == 10
     assert table.schema.field("text").type == pa.string()
-    lineage = store.lineage("v1")
-    assert lineage[0]["stage"] == "test" and lineage[0]["inputs"] == ["x"] and lineage[0]["num_rows"] == 10
+    assert store.lineage("v1") == [lineage] and store.commits("v1")[0].num_rows == 10  # read back as written
 
 
 def test_rewrite_is_idempotent(tmp_path):
@@ -78,9 +79,10 @@ WRITER = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {repo!r})
     from tests.test_store import captions_table
+    from pipeline.lineage import Lineage
     from pipeline.store import Store
     store = Store({uri!r}, "captions")
-    with store.begin("v1", {{"stage": "slow-writer"}}) as txn:
+    with store.begin("v1", Lineage(stage="slow-writer")) as txn:
         for i in range(10_000):
             txn.write(captions_table(50, start=1000 + i * 50))
             print("wrote", i, flush=True)
@@ -166,7 +168,7 @@ def test_ray_data_can_write_into_a_transaction(tmp_path, ray_session):
     import ray
 
     store = Store(str(tmp_path), "captions")
-    with store.begin("v1", {"stage": "ray"}) as txn:
+    with store.begin("v1", Lineage(stage="ray")) as txn:
         ray.data.from_arrow(captions_table(40)).repartition(4).write_parquet(txn.staging_dir)
         assert store.versions() == []  # not visible before commit
         commit = txn.commit()

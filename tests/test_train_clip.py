@@ -13,18 +13,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from jobs.sweep import main as sweep_main
 from pipeline.config import load_config
+from pipeline.stages.clip_task import MEAN_R1
 from pipeline.stages.sweep import sweep_name
-from pipeline.stages.train_clip import MEAN_R1
-from pipeline.stages.tracking import run_id_of
 from pipeline.store import Store
-from pipeline.training import SampleSet
-from tests.conftest import CLIP_TINY, clip_config, crash_job, ingest_in_process, job_output, registered_step, run_stage_here, start_job
+from pipeline.training import TrainState
+from tests.conftest import (CLIP_TINY, clip_config, crash_job, ingest_in_process, registered_step, run_stage_here, start_job,
+                            wait_for_free_cpus, wait_until)
 
 TINY = CLIP_TINY
 # A killed-and-resumed run against the same recipe uninterrupted. Measured here: final loss 2.02
@@ -62,6 +62,8 @@ def changed_since_ingest(uri: str):
 def trained(store, cluster):
     """The main run. Its input holds 8 more scenes whose captions have no embedding, and one
     training image whose file changed after ingest."""
+    from pipeline.stages.clip_samples import ClipInputs
+
     config = _config(store, cluster, "main", **MAIN)
     ingest_in_process(config, "embedded.num_scenes=68")  # 8 more scenes, not embedded
     stores = {n: Store(str(store / "store"), n) for n in ("manifest", "captions", "embeddings")}
@@ -69,26 +71,33 @@ def trained(store, cluster):
     embedded = {k[0] for k in stores["embeddings"].keys(stores["embeddings"].versions()[0])}
     with_embedding = {c["image_id"] for c in stores["captions"].read("original").to_pylist() if c["caption_id"] in embedded}
     unembedded = {r["image_id"] for r in manifest if r["image_id"] not in with_embedding and r["split"] in ("train", "val")}
-    victim = next(r for r in manifest if r["split"] == "train" and r["image_id"] in with_embedding)
+    # Ray Train deals every epoch to the workers in equal shards (streaming_split equal=True): the
+    # rows it cannot deal evenly, the end of whichever block comes last, are read in no epoch. The
+    # victim is a training sample inside its block (the samples are joined first: no image is
+    # read), so every epoch reads it.
+    cfg = load_config(config)
+    samples = Path(ClipInputs.resolve(cfg).joined(cfg).samples.root) / "train"
+    inside = {i for part in samples.glob("*.parquet") for i in pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist()[:-1]}
+    victim = next(r for r in manifest if r["split"] == "train" and r["image_id"] in with_embedding & inside)
     with changed_since_ingest(victim["uri"]):
-        summary = run_stage_here("jobs.train_clip", config, cluster)
-    return config, summary, {"unembedded": unembedded, "victim": victim["image_id"], "victim_uri": victim["uri"]}
+        result = run_stage_here("jobs.train_clip", config, cluster)
+    return config, result, {"unembedded": unembedded, "victim": victim["image_id"], "victim_uri": victim["uri"]}
 
 
 def test_trains_and_hands_over_a_registered_model(trained, cluster, monkeypatch):
     from pipeline.clip_model import LLM2CLIP
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cluster["MLFLOW_TRACKING_URI"])  # where a models:/ URI is looked up
-    _, summary, _ = trained
-    assert summary["steps"] == 2 * (summary["training images"] // 8) and np.isfinite(summary["final loss"])
-    val = summary["validation"]
+    _, result, _ = trained
+    assert result.steps == 2 * (result.train_images // 8) and np.isfinite(result.final_loss)
+    val = result.validation
     for name in ("short", "dense"):
         assert {f"{name}.{d}_R{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} <= set(val)
-        assert summary["chance R@1"][name] == pytest.approx(1 / val[f"{name}.images"], abs=1e-4)
-    assert summary["MLflow model URI"].startswith("models:/llm2clip-model/")
-    local = LLM2CLIP.from_pretrained(summary["model path"])
-    registered = LLM2CLIP.from_pretrained(summary["MLflow model URI"])
-    assert local.config.encoder_version == summary["encoder_version (embedding store version)"]
+        assert result.chance[name] == pytest.approx(1 / val[f"{name}.images"], abs=1e-4)
+    assert result.model_uri.startswith("models:/llm2clip-model/")
+    local = LLM2CLIP.from_pretrained(result.model_path)
+    registered = LLM2CLIP.from_pretrained(result.model_uri)
+    assert local.config.encoder_version == result.encoder_version
     pixels = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(local.encode_image(pixels), registered.encode_image(pixels), rtol=0, atol=0)
     emb = torch.randn(2, local.config.text_dim)
@@ -96,10 +105,10 @@ def test_trains_and_hands_over_a_registered_model(trained, cluster, monkeypatch)
 
 
 def test_run_is_tracked_with_lineage_and_an_alias(trained, cluster):
-    _, summary, _ = trained
+    _, result, _ = trained
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    run_id = run_id_of(summary["mlflow run"])
-    steps = summary["steps"]
+    run_id = result.mlflow_run_id
+    steps = result.steps
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, steps + 1))  # rank 0 only
     for metric in ("train/lr", "train/logit_scale", "train/samples_per_s", "train/data_wait_fraction"):
         assert len(client.get_metric_history(run_id, metric)) == steps, metric
@@ -108,10 +117,10 @@ def test_run_is_tracked_with_lineage_and_an_alias(trained, cluster):
     blocked = client.get_metric_history(run_id, "data/iterator_blocked_fraction")  # from Ray Data's iterator stats
     assert blocked and all(0 <= m.value <= 1.05 for m in blocked)  # per epoch, not summed over epochs
     run = client.get_run(run_id)
-    assert run.data.tags["llm2clip.inputs.embeddings"] == summary["encoder_version (embedding store version)"]
+    assert run.data.tags["llm2clip.inputs.embeddings"] == result.encoder_version
     mv = client.get_model_version_by_alias("llm2clip-model", "candidate")
-    assert f"models:/llm2clip-model/{mv.version}" == summary["MLflow model URI"] and mv.run_id == run_id
-    assert mv.tags["encoder_version"] == summary["encoder_version (embedding store version)"]
+    assert f"models:/llm2clip-model/{mv.version}" == result.model_uri and mv.run_id == run_id
+    assert mv.tags["encoder_version"] == result.encoder_version
     assert json.loads(mv.tags["caption_versions"]) == {"provided": "provided", "original": "original"} and mv.tags["manifest"] == "embedded"
 
 
@@ -128,6 +137,18 @@ def _trial_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> lis
     return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
+def _tune_has_ended(experiment: Path, trial_ids: set[str]) -> bool:
+    """Tune's newest experiment state (what `Tuner.restore` reads) records these trials as ended."""
+    states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return False
+    try:
+        trials = [json.loads(state) for state, _ in json.loads(states[-1].read_text())["trial_data"]]
+    except (OSError, ValueError):  # being written
+        return False
+    return trial_ids <= {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
+
+
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(trained, store, cluster, ray_session):
     """`jobs.sweep`, cheap mode, 3 trials on the tiny models (the frozen tiny CLIP tower's features
     cached in the feature store, Ray Tune + ASHA, every trial a Ray Train run of the shared
@@ -137,33 +158,31 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(trained, store
     config = _config(root, cluster, "sweep", sweep=SWEEP, min_coverage=0.5)
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
     experiment_id = client.get_experiment_by_name("llm2clip-tests").experiment_id
-
     name = sweep_name(load_config(config))
-    proc = start_job("jobs.sweep", config, cluster)
-    deadline, parent, finished_before = time.time() + 600, None, set()
-    while time.time() < deadline and not finished_before:
-        assert proc.poll() is None, job_output(proc)
+
+    def finished_trials() -> set[str]:
         parents = client.search_runs([experiment_id], filter_string=f"tags.`llm2clip.stage` = 'sweep' and tags.`llm2clip.sweep` = '{name}'")
-        parent = parents[0] if parents else None
-        if parent:
-            finished_before = {r.data.tags["llm2clip.trial_id"] for r in _trial_runs(client, experiment_id, parent.info.run_id)
-                               if r.info.status == "FINISHED"}
-        time.sleep(2)
-    assert finished_before, "no trial finished within 10 minutes"
-    time.sleep(3)  # Tune saves its experiment state every second (sweep.py sets TUNE_GLOBAL_CHECKPOINT_S)
-    assert proc.poll() is None, "the sweep ended before the test could stop it: " + job_output(proc)
+        runs = _trial_runs(client, experiment_id, parents[0].info.run_id) if parents else []
+        return {r.data.tags["llm2clip.trial_id"] for r in runs if r.info.status == "FINISHED"}
+
+    proc = start_job("jobs.sweep", config, cluster)
+    first = wait_until(finished_trials, 600, "no trial finished", proc, every=1.0)
+    wait_until(lambda: _tune_has_ended(root / "run" / "ray_results" / "sweeps" / name, first), 60,
+               "Tune's experiment state did not record the finished trial", proc)
+    finished_before = finished_trials()
+    killed_at = time.time() * 1000
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies with the trials it runs
     proc.wait(timeout=60)
-    time.sleep(3)
+    assert len(finished_before) < SWEEP["trials"], "every trial finished before the kill: nothing was left to resume"
+    wait_for_free_cpus()
 
-    summary_path = root / "sweep-resumed.json"  # the re-run in this process: the driver's imports cost more than its work
-    assert sweep_main(["--config", str(config), "--summary-json", str(summary_path)]) == 0
-    summary = json.loads(summary_path.read_text())
-    assert summary["sweep (resume key)"] == name and summary["resumed"] is True and summary["trials"] == SWEEP["trials"] and summary["errored"] == 0
-    assert summary["finished"] + summary["stopped early"] == SWEEP["trials"] and summary["scheduler"] == "asha" and summary["search"] == "random"
+    result = run_stage_here("jobs.sweep", config, cluster)  # in this process: the driver's imports cost more than its work
+    assert result.name == name and result.resumed is True and result.trials == SWEEP["trials"] and result.errored == 0
+    assert result.finished + result.stopped_early == SWEEP["trials"] and result.scheduler == "asha" and result.search == "random"
     # the same parent run, reopened (not a second one)
-    parent_id = run_id_of(summary["mlflow run"])
-    assert parent_id == parent.info.run_id
+    parent_id = result.mlflow_run_id
+    assert parent_id == client.search_runs([experiment_id], filter_string=f"tags.`llm2clip.sweep` = '{name}' and "
+                                           "tags.`llm2clip.stage` = 'sweep'")[0].info.run_id
     assert client.get_run(parent_id).info.status == "FINISHED"
     # one nested run per trial, with its drawn values as params and its validation curve
     table = json.loads(Path(client.download_artifacts(parent_id, "sweep/trials.json", str(root))).read_text())
@@ -178,51 +197,51 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(trained, store
         curve = client.get_metric_history(run.info.run_id, "val/mean_R1")
         assert 1 <= len({m.step for m in curve}) <= 2 and 1 <= row["epochs"] <= 2
         assert run.data.metrics["final/mean_R1"] == pytest.approx(row["mean_R1"], abs=1e-9)
-    # finished trials were not run again; the others started again and finished
-    for trial_id in finished_before:
-        assert trials[trial_id].data.tags["llm2clip.trial_attempts"] == "1", trial_id
-    assert any(r.data.tags["llm2clip.trial_attempts"] == "2" for r in trials.values()) or len(finished_before) == SWEEP["trials"]
+    # finished trials were not run again; every other trial was (re)started by the resumed sweep
+    for trial_id, run in trials.items():
+        if trial_id in finished_before:
+            assert run.data.tags["llm2clip.trial_attempts"] == "1", trial_id
+        else:
+            assert run.data.tags["llm2clip.trial_attempts"] == "2" or run.info.start_time > killed_at, trial_id
 
     # the best config: a valid config with the best trial's values, on disk and in MLflow
-    best = load_config(summary["best config"])
-    for key, value in summary["best values"].items():
+    best = load_config(result.best_config_path)
+    for key, value in result.best_params.items():
         field = key.split(".", 1)[1]
         got = best.train_clip.caption_weights["provided"] if field == "caption_weights.provided" else getattr(best.train_clip, field)
         assert got == value
     assert best.train_clip.epochs == load_config(config).train_clip.epochs  # the retrain's budget is the base config's
-    assert summary["best mean_R1"] == round(max(r["mean_R1"] for r in rows if r["status"] == "finished"), 4)
+    assert result.best_metric == round(max(r["mean_R1"] for r in rows if r["status"] == "finished"), 4)
     artifacts = {a.path for a in client.list_artifacts(parent_id, "sweep")}
     assert {"sweep/parallel_coordinates.png", "sweep/trials.json", "sweep/best_train_clip.yaml"} <= artifacts
     # the frozen tower's features, once per sample image, in a version of the feature store
     features = Store(str(store / "store"), "features")
-    version = summary["features"]["feature version"]
-    assert features.num_rows(version) == summary["features"]["images"] and not summary["features"]["rejected"]
+    assert features.num_rows(result.features.version) == result.features.images and not result.features.rejected
 
 
 def test_an_unrelated_dataset_in_the_stores_keeps_the_run_name(trained, store, cluster, ray_session):
     """Another dataset (an evaluation set, say) ingested into the same stores changes neither the
     samples this run trains on nor its name, so the run resumes instead of starting over."""
-    from pipeline.config import load_config
-    from pipeline.stages.train_clip import CaptionPlan, load_samples, run_name_for, text_source
-    from pipeline.stages.trainer import storage_path
+    from pipeline.stages.clip_samples import ClipInputs, load_samples
+    from pipeline.stages.train_clip import run_name_for
 
-    config, summary, _ = trained
+    config, result, _ = trained
     ingest_in_process(config, "ingest.dataset=unrelated", "embedded.num_scenes=12", "embedded.seed=1")
     cfg = load_config(config)
     assert "unrelated" in Store(cfg.store.uri, "manifest").versions()
-    source, captions = text_source(cfg), CaptionPlan.of(cfg)
-    data = load_samples(cfg, source, captions, storage_path(cfg.train_clip.settings(), cfg.run_dir))
-    assert run_name_for(cfg, source, captions, data.digest) == summary["run name (resume key)"]
-    assert data.num_train == summary["training images"]
+    inputs = ClipInputs.resolve(cfg)
+    data = load_samples(cfg, inputs)
+    assert run_name_for(cfg, inputs, data.meta) == result.run_name
+    assert data.meta.num_train == result.train_images
 
 
 def test_corrupt_and_unembedded_images_are_reported_and_skipped(trained, store):
     """The main run's changed image and its images without embeddings: counted, in the rejects
     store with their reasons, and the run completed."""
-    _, summary, bad = trained
-    assert bad["unembedded"] and sum(summary["skipped, no caption embedding"].values()) == len(bad["unembedded"])
-    assert summary["rejected images"] == {"changed_since_ingest": 1}  # a whole epoch reads every training image
-    rejects = Store(str(store / "store"), "rejects").read(f"train-clip.{summary['run name (resume key)']}").to_pylist()
+    _, result, bad = trained
+    assert bad["unembedded"] and sum(result.skipped_no_embedding.values()) == len(bad["unembedded"])
+    assert result.rejected == {"changed_since_ingest": 1}  # a whole epoch reads every training image
+    rejects = Store(str(store / "store"), "rejects").read(f"train-clip.{result.run_name}").to_pylist()
     reasons = {r["record_id"]: r["reason"] for r in rejects}
     assert reasons[bad["victim"]] == "changed_since_ingest"
     assert {i for i, r in reasons.items() if r == "no_caption_embedding"} == bad["unembedded"]
@@ -247,18 +266,19 @@ def test_a_worker_killed_mid_step_then_the_driver_mid_save_resume(tmp_path, trai
         # every rank's report, so the last may not; the half-saved step 4 never does
         registered = registered_step(results, "train-clip-")
         assert 1 <= registered <= 3, registered
-        time.sleep(3)
-        summary = run_stage_here("jobs.train_clip", config, cluster)
-    assert summary["run name (resume key)"] == main["run name (resume key)"]  # the same recipe and samples
-    assert summary["resumed from step"] == registered
-    assert summary["resume verified (tensors, optimizer, lr)"] is True  # every tensor as saved, not only the step
-    assert summary["steps"] == main["steps"] and summary["rejected images"] == main["rejected images"]
+        wait_for_free_cpus()
+        result = run_stage_here("jobs.train_clip", config, cluster)
+    assert result.run_name == main.run_name  # the same recipe and samples
+    assert result.resumed_from_step == registered
+    assert result.resume_verified is True  # every tensor as saved, not only the step
+    assert result.steps == main.steps and result.rejected == main.rejected
     # the data position: the last epoch trained each of its samples once, across the kills
-    final = max((json.loads(p.read_text()) for p in results.glob("train-clip-*/checkpoint_*/train_state.json")), key=lambda s: s["step"])
-    assert final["step"] == summary["steps"] and final["epoch"] == 1
-    assert len(SampleSet.from_json(final["trained"])) == 8 * (final["step"] - final["epoch_start_step"])
+    final = max((TrainState.from_json(p.read_text()) for p in results.glob("train-clip-*/checkpoint_*/train_state.json")),
+                key=lambda s: s.step)
+    assert final.step == result.steps and final.epoch == 1
+    assert len(final.trained) == 8 * (final.step - final.epoch_start_step)
     # where it ended, against the uninterrupted main run (same seed): not bit-identical, since Ray
     # Data's streaming split deals samples to the two workers dynamically, in every run
-    print("killed-and-resumed vs uninterrupted:", summary["final loss"], summary["validation"], main["final loss"], main["validation"])
-    assert summary["final loss"] == pytest.approx(main["final loss"], rel=RESUMED_LOSS_TOLERANCE)
-    assert summary["validation"][MEAN_R1] == pytest.approx(main["validation"][MEAN_R1], abs=RESUMED_R1_TOLERANCE)
+    print("killed-and-resumed vs uninterrupted:", result.final_loss, result.validation, main.final_loss, main.validation)
+    assert result.final_loss == pytest.approx(main.final_loss, rel=RESUMED_LOSS_TOLERANCE)
+    assert result.validation[MEAN_R1] == pytest.approx(main.validation[MEAN_R1], abs=RESUMED_R1_TOLERANCE)

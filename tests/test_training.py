@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.clip_data import draw_caption, order_key, sample_digest
 from pipeline.config import FinetuneTextConfig, TrainClipConfig, TrainerSettings
-from pipeline.stages.trainer import ray_data_blocked_seconds
+from pipeline.training import ray_data_blocked_seconds
 from pipeline.training import SampleSet, TrainState, deepspeed_config, lr_factor, unseen_batches
 
 

@@ -26,7 +26,9 @@ from pipeline.faults import crash_point
 from pipeline.hardware import resolve_precision
 from pipeline.metrics import caption_retrieval_accuracy
 from pipeline.model_refs import is_mlflow_uri, local_path
+from pipeline.lineage import Lineage, StoreInput
 from pipeline.plans import StagePlan, not_ready
+from pipeline.records import Tracked, hidden, label
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store, reject_row, utc_now
 from pipeline.text_encoder import ENCODER_VERSION_PREFIX, TextEncoder
@@ -34,41 +36,34 @@ from pipeline.versioning import code_version, text_sha256
 from schemas import STORE_SCHEMAS
 
 
+@dataclass(frozen=True)
+class HeldOutCra:
+    """CRA of an encoder on one protocol's held-out caption pairs."""
+
+    cra: float
+    pairs: int
+    split: str
+    protocol: str
+
+
 @dataclass
-class EmbedResult:
+class EmbedResult(Tracked):
     encoder: str
-    encoder_version: str
+    encoder_version: str = label("encoder_version (embedding store version)")
     dim: int
     precision: str
-    input_rows: int = 0
+    input_rows: int = label("input captions", default=0)
     written: int = 0
-    skipped: int = 0
+    skipped: int = label("skipped (already embedded)", default=0)
     rejected: int = 0
     truncated: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    cra: dict[str, Any] = field(default_factory=dict)
+    seconds: float = hidden(default=0.0)
+    cra: dict[str, HeldOutCra] = label("CRA", default_factory=dict)  # protocol -> CRA on held-out pairs
     commit: str | None = None
-    mlflow_url: str | None = None
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "stage": "embed",
-            "encoder": self.encoder,
-            "encoder_version (embedding store version)": self.encoder_version,
-            "dim": self.dim,
-            "precision": self.precision,
-            "input captions": self.input_rows,
-            "written": self.written,
-            "skipped (already embedded)": self.skipped,
-            "rejected": self.rejected,
-            "reject reasons": self.reject_reasons,
-            "truncated": self.truncated,
-            "captions/s": round(self.written / self.seconds, 1) if self.seconds else None,
-            "CRA": self.cra,
-            "commit": self.commit,
-            "mlflow run": self.mlflow_url,
-        }
+    def notes(self) -> dict[str, float | None]:
+        return {"captions/s": round(self.written / self.seconds, 1) if self.seconds else None}
 
 
 def encoder_kwargs(cfg: EmbedConfig) -> dict[str, Any]:
@@ -133,7 +128,7 @@ def _encoder_of_version(cfg: PipelineConfig, version: str) -> str:
     loaded (embedding-store lineage), else the registry version tagged with it."""
     embeddings = Store(cfg.store.uri, "embeddings")
     for commit in reversed(embeddings.commits(version)):
-        path = commit.lineage.get("encoder_path")
+        path = commit.lineage.encoder_path
         if path and ("://" in path or Path(path).exists()):
             return path
     if cfg.mlflow.enabled:
@@ -162,7 +157,7 @@ def _version_embedded_before(cfg: PipelineConfig, ref: str, options: dict[str, A
     wrote, from the store's lineage: naming it needs no model load."""
     embeddings = Store(cfg.store.uri, "embeddings")
     for version in embeddings.versions():
-        if any(c.lineage.get("encoder") == ref and c.lineage.get("encoder_options") == options for c in embeddings.commits(version)):
+        if any(c.lineage.encoder == ref and c.lineage.encoder_options == options for c in embeddings.commits(version)):
             return version
     return None
 
@@ -242,6 +237,7 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     # The output version is the encoder's identity; a small task computes it off the driver.
     version, dim = ray.get(_probe_encoder.options(num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor).remote(path, options, cfg.models.trust_remote_code))
     result = EmbedResult(encoder=cfg.embed.encoder or cfg.models.llm, encoder_version=version, dim=dim, precision=precision)
+    result.tracked_by(tracker)
 
     captions = Store(cfg.store.uri, "captions")
     embeddings = Store(cfg.store.uri, "embeddings")
@@ -252,19 +248,10 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
         raise ValueError(f"caption versions {missing} do not exist in {cfg.store.uri}; have {captions.versions()}")
     existing = np.array(sorted(k[0] for k in embeddings.keys(version)), dtype=object)
     images = dataset_images(cfg)
-    lineage = {
-        "stage": "embed",
-        "inputs": [{"store": "captions", "version": v, "commits": [c.commit_id for c in captions.commits(v)]} for v in ecfg.caption_versions]
-        + ([{"store": "manifest", "version": ecfg.dataset or cfg.ingest.dataset}] if images is not None else []),
-        "encoder": result.encoder,
-        "encoder_path": path,
-        "encoder_options": options,
-        "encoder_version": version,
-        "dim": dim,
-        "config": ecfg.model_dump(mode="json"),
-        "code": code_version(),
-        "mlflow_run_id": tracker.run_id,
-    }
+    lineage = Lineage(stage="embed", inputs=[StoreInput("captions", v, [c.commit_id for c in captions.commits(v)]) for v in ecfg.caption_versions]
+                      + ([StoreInput("manifest", ecfg.dataset or cfg.ingest.dataset)] if images is not None else []),
+                      encoder=result.encoder, encoder_path=path, encoder_options=options, encoder_version=version, dim=dim,
+                      config=ecfg.model_dump(mode="json"), code=code_version(), mlflow_run_id=tracker.run_id)
     start = utc_now()
     ds = ray.data.read_parquet(files, filesystem=captions.fs, columns=["caption_id", "image_id", "text"])
     if images is not None:
@@ -295,7 +282,7 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     result.truncated = int(pc.sum(pc.equal(status.column("detail"), "truncated")).as_py() or 0)
     with embeddings.begin(version, lineage) as txn:
         embedded.map_batches(_accepted, batch_format="pyarrow").write_parquet(txn.staging_dir)
-        commit = txn.commit({"counts": {"input_rows": result.input_rows, "rejected": rejected.num_rows}})
+        commit = txn.commit({"input_rows": result.input_rows, "rejected": rejected.num_rows})
     result.seconds = (utc_now() - start).total_seconds()
     result.commit = commit.commit_id if commit else None
     result.written = commit.num_rows if commit else 0
@@ -308,7 +295,7 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
         rows = [reject_row("embed", c, r, d, now) for c, r, d in zip(*columns)]
         rejects.append(f"embed.{version}", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["rejects"]), lineage)
     if result.input_rows != result.written + result.skipped + result.rejected:
-        raise RuntimeError(f"embed counts do not reconcile: {result.summary()}")
+        raise RuntimeError(f"embed counts do not reconcile: {result}")
 
     if ecfg.cra_split:
         result.cra = held_out_cra(cfg, version, ecfg.cra_split)
@@ -316,24 +303,23 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     tracker.log_metrics(
         {"input_rows": result.input_rows, "written": result.written, "skipped": result.skipped, "rejected": result.rejected,
          "truncated": result.truncated, "captions_per_s": result.written / result.seconds if result.seconds else 0.0}
-        | {f"cra.{k}": v["cra"] for k, v in result.cra.items()}
+        | {f"cra.{k}": v.cra for k, v in result.cra.items()}
     )
-    tracker.log_dict(result.summary(), "embed/summary.json")
-    result.mlflow_url = tracker.url
+    tracker.log_result(result, "embed")
     return result
 
 
 def _nothing_to_do(cfg: PipelineConfig, work: EmbedWork, precision: str, tracker: Tracker) -> EmbedResult:
     commits = Store(cfg.store.uri, "embeddings").commits(work.version)
-    dim = int(next(c.lineage["dim"] for c in commits if "dim" in c.lineage))
+    dim = next(c.lineage.dim for c in commits if c.lineage.dim is not None)
     result = EmbedResult(encoder=cfg.embed.encoder or cfg.models.llm, encoder_version=work.version, dim=dim, precision=precision,
                          input_rows=work.wanted, skipped=work.wanted)
+    result.tracked_by(tracker)
     if cfg.embed.cra_split:
         result.cra = held_out_cra(cfg, work.version, cfg.embed.cra_split)
     tracker.set_tags({"llm2clip.output.embeddings": work.version, "llm2clip.encoder": result.encoder, "llm2clip.store_uri": cfg.store.uri})
     tracker.log_metrics({"input_rows": result.input_rows, "written": 0, "skipped": result.skipped, "rejected": 0})
-    tracker.log_dict(result.summary(), "embed/summary.json")
-    result.mlflow_url = tracker.url
+    tracker.log_result(result, "embed")
     return result
 
 
@@ -346,7 +332,7 @@ def _not_in(batch: pa.Table, existing: np.ndarray) -> pa.Table:
     return batch.filter(pa.array(~np.isin(ids, existing)))
 
 
-def held_out_cra(cfg: PipelineConfig, encoder_version: str, split: str) -> dict[str, Any]:
+def held_out_cra(cfg: PipelineConfig, encoder_version: str, split: str) -> dict[str, HeldOutCra]:
     """CRA of this encoder on the held-out split's caption pairs, per protocol."""
     manifest = Store(cfg.store.uri, "manifest").read(cfg.ingest.dataset)
     captions = Store(cfg.store.uri, "captions")
@@ -360,6 +346,6 @@ def held_out_cra(cfg: PipelineConfig, encoder_version: str, split: str) -> dict[
         if len(pairs) >= 2:
             first = matrix[[index[a] for a, _ in pairs]]
             second = matrix[[index[b] for _, b in pairs]]
-            out[protocol] = {"cra": caption_retrieval_accuracy(first, second), "pairs": len(pairs), "split": split,
-                             "protocol": f"{protocol}: each of 2N captions retrieves among the other 2N-1 by cosine, top-1"}
+            out[protocol] = HeldOutCra(caption_retrieval_accuracy(first, second), len(pairs), split,
+                                       f"{protocol}: each of 2N captions retrieves among the other 2N-1 by cosine, top-1")
     return out

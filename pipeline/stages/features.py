@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +19,8 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.image_transforms import ImageSpec
+from pipeline.lineage import Lineage
+from pipeline.records import hidden, label
 from pipeline.store import Store, reject_row, utc_now
 from pipeline.versioning import code_version, stable_hash
 from schemas import STORE_SCHEMAS
@@ -29,17 +30,13 @@ FEATURE_VERSION_PREFIX = "vis-"
 
 @dataclass
 class FeatureResult:
-    version: str
+    version: str = label("feature version")
     dim: int
-    spec: ImageSpec
+    spec: ImageSpec = hidden()
     images: int = 0  # images asked for
-    written: int = 0
-    skipped: int = 0  # already in the version
+    written: int = label("computed", default=0)
+    skipped: int = label("already stored", default=0)  # already in the version
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> images
-
-    def summary(self) -> dict[str, Any]:
-        return {"feature version": self.version, "dim": self.dim, "images": self.images, "computed": self.written,
-                "already stored": self.skipped, "rejected": self.rejected}
 
 
 def load_tower(ref: str, image_size: int | None = None):
@@ -142,11 +139,11 @@ def compute_features(store_uri: str, ref: str, images, image_size: int | None, m
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1).materialize()
     status = pa.concat_tables(ray.get(computed.select_columns(["image_id", "reason", "detail"]).to_arrow_refs()))
     bad = status.filter(pc.not_equal(status.column("reason"), ""))
-    lineage = {"stage": "features", "vision": ref, "feature_version": version, "dim": dim, "image_size": spec.size,
-               "image_mean": list(spec.mean), "image_std": list(spec.std), "code": code_version(), "mlflow_run_id": run_id}
+    lineage = Lineage(stage="features", vision=ref, feature_version=version, dim=dim, image_size=spec.size, image_mean=list(spec.mean),
+                      image_std=list(spec.std), code=code_version(), mlflow_run_id=run_id)
     with features.begin(version, lineage) as txn:
         computed.map_batches(_readable, batch_format="pyarrow").write_parquet(txn.staging_dir)
-        commit = txn.commit({"counts": {"images": result.images, "skipped": result.skipped, "rejected": bad.num_rows}})
+        commit = txn.commit({"images": result.images, "skipped": result.skipped, "rejected": bad.num_rows})
     result.written = commit.num_rows if commit else 0
     result.rejected = dict(Counter(bad.column("reason").to_pylist()))
     if bad.num_rows:
@@ -154,5 +151,5 @@ def compute_features(store_uri: str, ref: str, images, image_size: int | None, m
         rows = [reject_row("features", i, r, d, now) for i, r, d in zip(*(bad.column(c).to_pylist() for c in ("image_id", "reason", "detail")))]
         rejects.append(f"features.{version}", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["rejects"]), lineage)
     if result.images != result.written + result.skipped + bad.num_rows:
-        raise RuntimeError(f"feature counts do not reconcile: {result.summary()}")
+        raise RuntimeError(f"feature counts do not reconcile: {result}")
     return result

@@ -1,11 +1,12 @@
 """`finetune-text`: caption-contrastive fine-tuning of the LLM (LLM2CLIP stage 1) with
 Ray Train + DeepSpeed, ending in a merged encoder that `jobs.embed` takes as it is.
 
-Driver: builds the training pairs from the caption store (held-out split left out) as a
-Ray Dataset, measures CRA of the base model, trains on the shared trainer
-(`pipeline.stages.trainer`), then merges the adapters of the final checkpoint into a saved
-encoder (a Ray task reading the checkpoint from storage), measures CRA again, registers
-the encoder in MLflow, and prints its path, encoder_version and MLflow model URI.
+Driver: builds the training pairs from the caption store (`pipeline.finetune_pairs`; the
+held-out split left out) as a Ray Dataset, names the run after its recipe and the pairs, and
+skips it when that run has finished; else measures CRA of the base model, trains
+`FinetuneTask` on the shared trainer, and finishes: the adapters of the final checkpoint merged
+into a saved encoder (on any node), its CRA, a registry version, and the result beside the
+outputs. It prints the encoder's path, encoder_version and MLflow model URI.
 
 Workers (`FinetuneTask`): a LoRA LLM in a DeepSpeed engine, pair batches from
 `get_dataset_shard`, optional MNTP steps, then the contrastive loss with negatives
@@ -17,192 +18,70 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import re
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pyarrow as pa
 import ray
 
-from pipeline.caption_pairs import version_pairs
-from pipeline.config import FinetuneTextConfig, PipelineConfig
 from pipeline.captioning import model_fingerprint
-from pipeline.cra_sets import builtin_pairs, dataset_pairs
+from pipeline.config import FinetuneTextConfig, PipelineConfig
+from pipeline.finetune_pairs import cra_sets_for, pair_versions, training_pairs
+from pipeline.lineage import ModelLineage
 from pipeline.metrics import pairs_cra
 from pipeline.plans import StagePlan, not_ready, read_result, write_result
-from pipeline.stages.corpus import corpus_versions
-from pipeline.stages.ingest import assign_split
-from pipeline.stages.tracking import Tracker
-from pipeline.stages.trainer import EXPORT, StepOutput, TrainPlan, TrainTask, WorkerContext, fit, full_state, storage_path
-from pipeline.store import Store, StoreError
-from pipeline.training import TrainState, unseen_batches
+from pipeline.records import Tracked, hidden, label
+from pipeline.stages.tracking import Registration, Tracker, register
+from pipeline.stages.trainer import StepOutput, TrainPlan, TrainTask, WorkerContext, storage_path, train
+from pipeline.store import StoreError
+from pipeline.training import TrainState, total_steps, unseen_batches
 from pipeline.versioning import code_version, rows_digest, stable_hash
 
 log = logging.getLogger(__name__)
 
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
 
 @dataclass
-class FinetuneResult:
-    base_model: str
-    run_name: str
-    train_pairs: int = 0
+class FinetuneResult(Tracked):
+    base_model: str = label("base model")
+    run_name: str = label("run name (resume key)")
+    train_pairs: int = label("training pairs", default=0)
     steps: int = 0
     resumed_from_step: int | None = None
-    resume_verified: bool | None = None  # the resumed tensors, optimizer state and lr hashed as saved
-    seconds: float = 0.0
+    resume_verified: bool | None = label("resume verified (tensors, optimizer, lr)", default=None)
+    seconds: float = hidden(default=0.0)
     final_loss: float | None = None
     encoder_path: str | None = None
-    encoder_version: str | None = None
-    model_uri: str | None = None
-    registered: str | None = None
-    cra_before: dict[str, Any] = field(default_factory=dict)
-    cra_after: dict[str, Any] = field(default_factory=dict)
-    cra_baseline: dict[str, Any] = field(default_factory=dict)
-    mlflow_url: str | None = None
-    reused: bool = False  # finished by an earlier run: this one did nothing
+    encoder_version: str | None = label("encoder_version", default=None)
+    model_uri: str | None = label("MLflow model URI", default=None)
+    registered: str | None = label("registered model", default=None)
+    cra_before: dict[str, float] = label("CRA before (base model)", default_factory=dict)
+    cra_after: dict[str, float] = label("CRA after (fine-tuned)", default_factory=dict)
+    cra_baseline: dict[str, float] = label("CRA all-MiniLM-L6-v2", default_factory=dict)
+    reused: bool = label("finished before (nothing done)", default=False)  # this run did nothing
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "stage": "finetune-text",
-            "finished before (nothing done)": self.reused,
-            "base model": self.base_model,
-            "run name (resume key)": self.run_name,
-            "training pairs": self.train_pairs,
-            "steps": self.steps,
-            "resumed from step": self.resumed_from_step,
-            "resume verified (tensors, optimizer, lr)": self.resume_verified,
-            "final loss": self.final_loss,
-            "CRA before (base model)": self.cra_before,
-            "CRA after (fine-tuned)": self.cra_after,
-            "CRA all-MiniLM-L6-v2": self.cra_baseline,
-            "encoder path": self.encoder_path,
-            "encoder_version": self.encoder_version,
-            "MLflow model URI": self.model_uri,
-            "registered model": self.registered,
-            "next": f"python -m jobs.embed --config CONFIG --set embed.encoder={self.model_uri or self.encoder_path}",
-            "mlflow run": self.mlflow_url,
-        }
+    def notes(self) -> dict[str, str]:
+        return {"next": f"python -m jobs.embed --config CONFIG --set embed.encoder={self.model_uri or self.encoder_path}"}
 
 
-# ----------------------------------------------------------------- data
-def _split_of(manifest_split: dict[str, str], item: str) -> str:
-    """An image's manifest split; corpus items (no image) get one from a hash of their id."""
-    return manifest_split.get(item) or assign_split(stable_hash(item, 16), (0.8, 0.1, 0.1))
+@dataclass(frozen=True)
+class FinetuneInputs:
+    """What a finetune-text run of a config reads, resolved once."""
+
+    base_model: str
+    pairs: pa.Table  # pair_id, first, second, item[, negative]: the training pairs in their seeded order
+    held_out: dict[str, list[tuple[str, str]]]  # the held-out CRA sets, by pair source
+    storage: str
 
 
-class PairSpec(NamedTuple):
-    name: str
-    first: str  # caption version
-    second: str
-    reorder: bool = False  # second = first with its sentences in another order
-    repeat: int = 1
-    corpus: bool = False  # text-only items (no images, so no manifest)
+@dataclass(frozen=True)
+class FinetunePlan(StagePlan):
+    inputs: FinetuneInputs | None = None  # None: an input is missing
+    done: FinetuneResult | None = None  # the run has finished: its result
 
 
-def pair_versions(cfg: PipelineConfig) -> list[PairSpec]:
-    """The caption versions behind every configured pair source."""
-    out = []
-    for source in cfg.finetune_text.pairs:
-        if source.corpus:
-            versions = corpus_versions(cfg, source.corpus)
-            out += [PairSpec(f"{source.corpus}.short-vs-{role}", versions["short"], versions[role], repeat=source.repeat, corpus=True)
-                    for role in ("dense", "paraphrase")]
-        elif source.reorder_sentences:
-            out.append(PairSpec(f"{source.first}-vs-reordered", source.first, source.first, reorder=True, repeat=source.repeat))
-        else:
-            out.append(PairSpec(f"{source.first}-vs-{source.second}", source.first, source.second, repeat=source.repeat))
-    return out
-
-
-def reordered_pairs(table: pa.Table, seed: int) -> list[tuple[str, str, str]]:
-    """(item, caption, the caption's sentences in another order) for each item's first
-    caption of at least two sentences; the order depends only on (seed, text)."""
-    pairs, seen = [], set()
-    for item, text in zip(table.column("image_id").to_pylist(), table.column("text").to_pylist()):
-        sentences = [s for s in SENTENCE_END.split(text.strip()) if s]
-        if item in seen or len(sentences) < 2:
-            continue
-        seen.add(item)
-        order = list(range(len(sentences)))
-        rng = random.Random(f"{seed}/{text}")
-        while order == sorted(order):
-            rng.shuffle(order)
-        pairs.append((item, text, " ".join(sentences[i] for i in order)))
-    return pairs
-
-
-def training_pairs(cfg: PipelineConfig) -> tuple[pa.Table, dict[str, list[tuple[str, str]]]]:
-    """The training pairs (pair_id, first, second, item[, negative]) in a seeded shuffled order, and
-    the held-out CRA sets {name: pairs}."""
-    ft = cfg.finetune_text
-    captions = Store(cfg.store.uri, "captions")
-    manifest_store = Store(cfg.store.uri, "manifest")
-    dataset = ft.dataset or cfg.ingest.dataset
-    manifest = manifest_store.read(dataset) if manifest_store.commits(dataset) else None
-    split = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("split").to_pylist())) if manifest is not None else {}
-    rng = random.Random(ft.seed)
-    train: list[tuple[str, str, str]] = []
-    held_out: dict[str, list[tuple[str, str]]] = {}
-    for name, first, second, reorder, repeat, corpus in pair_versions(cfg):
-        missing = [v for v in (first, second) if not captions.commits(v)]
-        if missing:
-            raise ValueError(f"finetune_text.pairs: caption versions {missing} do not exist; have {captions.versions()}")
-        if reorder:
-            pairs = reordered_pairs(captions.read(first), ft.seed)
-        else:
-            pairs = version_pairs(captions.read(first), captions.read(second), first == second)
-        if not corpus and manifest is not None:
-            # a caption version holds every dataset's captions: train on this dataset's images only
-            pairs = [p for p in pairs if p[0] in split]
-        held_out[name] = [(a, b) for item, a, b in pairs if _split_of(split, item) == ft.eval_split]
-        for _ in range(repeat):
-            for item, a, b in pairs:
-                if _split_of(split, item) != ft.eval_split:
-                    train.append((item, *((a, b) if rng.random() < 0.5 else (b, a))))  # random direction
-    if not train:
-        raise ValueError("finetune_text: no training pairs (check finetune_text.pairs and the caption store)")
-    rng.shuffle(train)
-    # pair_id: the position in this seeded order; checkpoints record which ids an epoch has trained
-    columns = {"pair_id": list(range(len(train))), "first": [t[1] for t in train], "second": [t[2] for t in train],
-               "item": [t[0] for t in train]}  # the image or corpus item: what a held-out check reads
-    if ft.hard_negatives:
-        columns["negative"] = hard_negatives(train)
-    return pa.table(columns), held_out
-
-
-def hard_negatives(train: list[tuple[str, str, str]]) -> list[str]:
-    """For each (item, first, second): the second caption of the next pair of another item
-    (one item may stand in several pairs, with repeats even side by side)."""
-    out = []
-    for i, (item, _, _) in enumerate(train):
-        j = next((k % len(train) for k in range(i + 1, i + len(train)) if train[k % len(train)][0] != item), None)
-        if j is None:
-            raise ValueError("finetune_text.hard_negatives needs pairs of at least two items")
-        out.append(train[j][2])
-    return out
-
-
-def cra_sets(cfg: PipelineConfig, held_out: dict[str, list[tuple[str, str]]]) -> dict[str, list[tuple[str, str]]]:
-    """Named CRA sets of text pairs: the held-out training pairs, the scene protocols when the
-    manifest has originals and dense captions, and the built-in sets of `builtin_eval`."""
-    ft = cfg.finetune_text
-    sets = {f"heldout.{k}": v for k, v in held_out.items() if len(v) >= 2}
-    dataset = ft.dataset or cfg.ingest.dataset
-    manifest_store, captions = Store(cfg.store.uri, "manifest"), Store(cfg.store.uri, "captions")
-    if manifest_store.commits(dataset):
-        rows = pa.concat_tables([captions.read(v) for v in captions.versions() if v in ("original", "provided")])
-        sets |= {f"scenes.{protocol}": pairs for protocol, pairs in dataset_pairs(manifest_store.read(dataset), rows, ft.eval_split).items()}
-    for name in ft.builtin_eval:
-        sets[name] = builtin_pairs(name)
-    return sets
-
-
+# ----------------------------------------------------------------- CRA
 def evaluate(encode, sets: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
     return {name: round(pairs_cra(encode, pairs), 4) for name, pairs in sets.items()}
 
@@ -246,6 +125,8 @@ class FinetuneTask(TrainTask):
     """Stage 1 on the shared trainer: a LoRA LLM, caption pairs, optional MNTP steps first,
     then the contrastive loss with negatives gathered from every worker."""
 
+    exports_trainable_only = True  # the final checkpoint keeps the LoRA adapters only
+
     cfg: FinetuneTextConfig
     base_model: str
     trust_remote_code: bool
@@ -283,27 +164,11 @@ class FinetuneTask(TrainTask):
         engine.step()
         return StepOutput(loss=float(loss.detach()), sample_ids=batch["pair_id"], metrics={"phase_mntp": float(mntp)})
 
-    def export(self, engine, ctx: WorkerContext) -> dict:
-        return full_state(engine, trainable_only=True)  # the LoRA adapters
+    def save_model(self, weights: dict[str, Any], folder: Path) -> str:
+        """The base model with the trained adapters merged in, saved as an encoder; its encoder_version."""
+        from pipeline.finetune import save_merged
 
-
-@ray.remote
-def _merge(base: str, cfg: FinetuneTextConfig, checkpoint, dest: str, trust_remote_code: bool, tracking_uri: str | None,
-           run_id: str | None, lineage_json: str) -> tuple[str, str]:
-    """Merge the final checkpoint's adapters into a saved encoder, on whichever node runs this:
-    the adapters are read from storage, the encoder goes to `dest` (storage) and to MLflow."""
-    from safetensors.torch import load
-
-    from pipeline.finetune import save_merged
-    from pipeline.model_refs import publish_dir
-
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{EXPORT}") as f:
-        adapters = load(f.read())
-    with tempfile.TemporaryDirectory() as tmp:
-        local, version = save_merged(base, cfg, adapters, Path(tmp) / "encoder", trust_remote_code)
-        (local / "llm2clip_lineage.json").write_text(lineage_json)
-        Tracker.for_run(tracking_uri, run_id).log_artifact(local, "encoder")
-        return publish_dir(local, dest), version
+        return save_merged(self.base_model, self.cfg, weights, folder, self.trust_remote_code)[1]
 
 
 # ----------------------------------------------------------------- driver
@@ -311,54 +176,52 @@ def run_name_for(cfg: PipelineConfig, base: str, pairs: pa.Table) -> str:
     """The resume key: the recipe and the pairs trained on, nothing else (not resources, not
     other versions or datasets in the stores)."""
     ft = cfg.finetune_text
-    return "finetune-text-" + stable_hash({"base": base, "recipe": ft.recipe(), "pairs": rows_digest(pairs)}, 10)
+    return ft.run_name or "finetune-text-" + stable_hash({"base": base, "recipe": ft.recipe(), "pairs": rows_digest(pairs)}, 10)
 
 
-def plan_finetune_text(cfg: PipelineConfig) -> StagePlan:
-    """Skipped when the run these pairs and this recipe name has finished (its result is saved)."""
+def _planned(cfg: PipelineConfig) -> FinetunePlan:
     ft = cfg.finetune_text
-    try:
-        pairs, _ = training_pairs(cfg)
-    except (ValueError, StoreError) as e:
-        return not_ready("finetune-text", str(e).split(";")[0])
-    run_name = ft.run_name or run_name_for(cfg, ft.base_model or cfg.models.llm, pairs)
-    done = read_result(storage_path(ft.settings(), cfg.run_dir), run_name)
-    if done:
-        return StagePlan("finetune-text", run_name, True, f"finished: encoder {done['encoder_version']} at step {done['steps']}")
-    return StagePlan("finetune-text", run_name, False, f"{pairs.num_rows} training pairs, {ft.max_steps or ft.epochs} "
-                     f"{'steps' if ft.max_steps else 'epochs'} (resumes from its last checkpoint, if any)")
-
-
-def finished_result(cfg: PipelineConfig) -> FinetuneResult | None:
-    """The saved result of the run this config names, if it has finished."""
-    ft = cfg.finetune_text
-    run_name = ft.run_name or run_name_for(cfg, ft.base_model or cfg.models.llm, training_pairs(cfg)[0])
-    done = read_result(storage_path(ft.settings(), cfg.run_dir), run_name)
-    return FinetuneResult(**{**done, "reused": True}) if done else None
-
-
-def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
-    ft = cfg.finetune_text
-    base = ft.base_model or cfg.models.llm
-    start = time.perf_counter()
     pairs, held_out = training_pairs(cfg)
-    run_name = ft.run_name or run_name_for(cfg, base, pairs)
-    storage = storage_path(ft.settings(), cfg.run_dir)
-    done = read_result(storage, run_name)
-    if done:  # a finished run does nothing: no training, merge, evaluation or registry version
-        log.info("finetune-text %s finished before: encoder %s", run_name, done["encoder_version"])
-        tracker.set_tags({"llm2clip.run_name": run_name, "llm2clip.finished_before": "true"})
-        return FinetuneResult(**{**done, "reused": True})
-    sets = cra_sets(cfg, held_out)
-    result = FinetuneResult(base_model=base, run_name=run_name, train_pairs=pairs.num_rows)
+    inputs = FinetuneInputs(ft.base_model or cfg.models.llm, pairs, held_out, storage_path(ft.settings(), cfg.run_dir))
+    name = run_name_for(cfg, inputs.base_model, pairs)
+    done = read_result(inputs.storage, name, FinetuneResult)
+    if done:
+        return FinetunePlan("finetune-text", name, True, f"finished: encoder {done.encoder_version} at step {done.steps}", inputs, done)
+    budget = f"{ft.max_steps} steps" if ft.max_steps else f"{ft.epochs} epochs"
+    return FinetunePlan("finetune-text", name, False, f"{pairs.num_rows} training pairs, {budget} (resumes from its last checkpoint, if any)",
+                        inputs)
+
+
+def plan_finetune_text(cfg: PipelineConfig) -> FinetunePlan:
+    """Skipped when the run these pairs and this recipe name has finished (its result is saved)."""
+    try:
+        return _planned(cfg)
+    except (ValueError, StoreError) as e:
+        return not_ready("finetune-text", str(e).split(";")[0], FinetunePlan)
+
+
+def run_finetune_text(cfg: PipelineConfig, tracker: Tracker, plan: FinetunePlan | None = None) -> FinetuneResult:
+    """`plan`: this config's plan, when the caller made it already (the pipeline job)."""
+    ft = cfg.finetune_text
+    start = time.perf_counter()
+    plan = plan if plan is not None and plan.inputs else _planned(cfg)
+    if plan.done:  # a finished run does nothing: no training, merge, evaluation or registry version
+        log.info("finetune-text %s finished before: encoder %s", plan.output, plan.done.encoder_version)
+        tracker.set_tags({"llm2clip.run_name": plan.output, "llm2clip.finished_before": "true"})
+        plan.done.reused = True
+        return plan.done
+    inputs, name, base, pairs = plan.inputs, plan.output, plan.inputs.base_model, plan.inputs.pairs
+    sets = cra_sets_for(cfg, inputs.held_out)
+    result = FinetuneResult(base_model=base, run_name=name, train_pairs=pairs.num_rows)
+    result.tracked_by(tracker)
     global_batch = ft.batch_size_per_worker * ft.num_workers
-    steps_per_epoch = pairs.num_rows // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"finetune_text: {pairs.num_rows} pairs are fewer than one global batch ({global_batch})")
-    total = min(ft.max_steps or 10**12, int(ft.epochs * steps_per_epoch))
-    tracker.set_tags({"llm2clip.base_model": base, "llm2clip.run_name": run_name,
+    training = TrainPlan(
+        run_name=name, total_steps=total_steps(pairs.num_rows, global_batch, ft.epochs, ft.max_steps, "finetune_text"),
+        num_samples=pairs.num_rows, micro_batch=ft.batch_size_per_worker, precision=ft.precision, seed=ft.seed, trainer=ft.settings(),
+        optimizer=ft.optimizer(), tracking_uri=cfg.mlflow.tracking_uri if tracker.enabled else None, mlflow_run_id=tracker.run_id)
+    tracker.set_tags({"llm2clip.base_model": base, "llm2clip.run_name": name,
                       "llm2clip.inputs.captions": json.dumps(sorted({v for spec in pair_versions(cfg) for v in (spec.first, spec.second)}))})
-    tracker.log_params({"train_pairs": pairs.num_rows, "total_steps": total, "global_batch": global_batch})
+    tracker.log_params({"train_pairs": pairs.num_rows, "total_steps": training.total_steps, "global_batch": global_batch})
     tracker.log_dict({k: len(v) for k, v in sets.items()}, "finetune/cra_sets.json")
 
     eval_opts = {"pooling": ft.pooling, "bidirectional": ft.bidirectional, "max_length": ft.encoder_max_length}
@@ -369,51 +232,27 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker) -> FinetuneResult:
     if ft.baseline:
         result.cra_baseline = cached_cra(cache, "minilm", "", sets, {}, "fp32", {"num_cpus": 1})
 
-    plan = TrainPlan(
-        run_name=run_name, total_steps=total, num_samples=pairs.num_rows, micro_batch=ft.batch_size_per_worker,
-        precision=ft.precision, seed=ft.seed, trainer=ft.settings(), optimizer=ft.optimizer(),
-        tracking_uri=cfg.mlflow.tracking_uri if tracker.enabled else None, mlflow_run_id=tracker.run_id,
-    )
     task = FinetuneTask(cfg=ft, base_model=base, trust_remote_code=cfg.models.trust_remote_code,
                         shuffle_buffer=min(10_000, max(global_batch * 4, 256)))
-    fitted = fit(task, plan, {"train": ray.data.from_arrow(pairs)}, storage)
-    result.steps = fitted.state.step
-    result.final_loss = fitted.state.last_loss
-    result.resumed_from_step = fitted.outcome.resumed_from_step
-    result.resume_verified = fitted.outcome.resume_verified
-
-    dest = f"{storage.rstrip('/')}/{run_name}/outputs/encoder-step{result.steps}"
-    lineage = {"stage": "finetune-text", "base_model": base, "run_name": run_name, "mlflow_run_id": tracker.run_id,
-               "config": ft.model_dump(mode="json"), "code": code_version(), "train_pairs": pairs.num_rows, "steps": result.steps}
-    path, version = ray.get(_merge.options(**res).remote(base, ft, fitted.checkpoint, dest, cfg.models.trust_remote_code,
-                                                         plan.tracking_uri, tracker.run_id, json.dumps(lineage, indent=2)))
-    result.encoder_path, result.encoder_version = path, version
-    result.cra_after = ray.get(_evaluate_encoder.options(**res).remote("llm", path, sets, {}, precision))
-    result.seconds = time.perf_counter() - start
-
+    lineage = ModelLineage(stage="finetune-text", run_name=name, steps=training.total_steps, config=ft.model_dump(mode="json"), code=code_version(),
+                           mlflow_run_id=tracker.run_id, base_model=base, train_pairs=pairs.num_rows)
+    trained = train(task, training, {"train": ray.data.from_arrow(pairs)}, inputs.storage, "encoder", lineage)
+    fitted = trained.fit
+    result.steps, result.final_loss = fitted.state.step, fitted.state.last_loss
+    result.resumed_from_step, result.resume_verified = fitted.outcome.resumed_from_step, fitted.outcome.resume_verified
+    result.encoder_path, result.encoder_version, result.model_uri = trained.model_path, trained.model_version, trained.model_uri
+    result.cra_after = ray.get(_evaluate_encoder.options(**res).remote("llm", trained.model_path, sets, {}, precision))
     tracker.log_metrics({f"cra_before.{k}": v for k, v in result.cra_before.items()}
                         | {f"cra_after.{k}": v for k, v in result.cra_after.items()}
                         | {f"cra_minilm.{k}": v for k, v in result.cra_baseline.items()}
                         | {"steps": result.steps})
-    tracker.set_tags({"llm2clip.output.encoder_version": version, "llm2clip.encoder_path": path})
-    if tracker.enabled:
-        result.model_uri = f"runs:/{tracker.run_id}/encoder"
-        if ft.register_as:
-            import mlflow
-
-            client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
-            try:
-                client.get_registered_model(ft.register_as)
-            except mlflow.exceptions.MlflowException:
-                client.create_registered_model(ft.register_as, description="LLM2CLIP stage-1 caption encoders (merged LoRA)")
-            # The same encoder is never registered twice (a re-run killed after registering).
-            same = [v for v in client.search_model_versions(f"name='{ft.register_as}'") if v.tags.get("encoder_version") == version]
-            mv = same[0] if same else client.create_model_version(
-                ft.register_as, source=tracker.artifact_uri("encoder"), run_id=tracker.run_id,
-                tags={"encoder_version": version, "base_model": base})
-            result.registered = f"{ft.register_as} v{mv.version}"
-            result.model_uri = f"models:/{ft.register_as}/{mv.version}"
-    tracker.log_dict(result.summary(), "finetune/summary.json")
-    result.mlflow_url = tracker.url
-    write_result(storage, run_name, asdict(result))
+    tracker.set_tags({"llm2clip.output.encoder_version": trained.model_version, "llm2clip.encoder_path": trained.model_path})
+    if tracker.enabled and ft.register_as:
+        # the same encoder is never registered twice (a re-run killed after registering)
+        entry = Registration(ft.register_as, "LLM2CLIP stage-1 caption encoders (merged LoRA)",
+                             identity={"encoder_version": trained.model_version}, tags={"base_model": base})
+        result.registered, result.model_uri = register(entry, "encoder", tracker)
+    result.seconds = time.perf_counter() - start
+    tracker.log_result(result, "finetune")
+    write_result(inputs.storage, name, result)
     return result

@@ -1,6 +1,8 @@
-"""What every job entry point shares: arguments, config, Ray, an MLflow run, a summary.
+"""What every job entry point shares: arguments, config, Ray, an MLflow run, its result.
 
-A job module is then three lines: `main = job_main("ingest", run_ingest)`.
+A job module is then three lines: `main = job_main("ingest", run_ingest)`. The stage's
+result (a dataclass) is printed with its labels and, with `--summary-json`, written as JSON
+by field name (`pipeline.records`); `main.result_type` names its type for scripts and tests.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 import sys
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, config_to_dict, load_config
 from pipeline.plans import StagePlan
+from pipeline.records import printable, to_json
 from pipeline.stages import runtime, tracking
 
 StageFn = Callable[[PipelineConfig, tracking.Tracker], Any]
@@ -37,7 +41,7 @@ def parse_args(stage: str, argv: list[str] | None, status: StatusFn | None = Non
         help="override a config value, e.g. --set ingest.source=/data/listing.jsonl (repeatable)",
     )
     parser.add_argument("--validate-only", action="store_true", help="check the config and exit")
-    parser.add_argument("--summary-json", metavar="PATH", help="also write the job's summary as JSON to PATH (for scripts)")
+    parser.add_argument("--summary-json", metavar="PATH", help="also write the job's result as JSON to PATH, keyed by field name (for scripts)")
     if status is not None:
         parser.add_argument("--status", action="store_true", help=f"print the last {stage}'s record; exit 0 if it succeeded, else 1")
     if plan is not None:
@@ -88,11 +92,11 @@ def job_main(stage: str, run: StageFn, status: StatusFn | None = None, epilog: s
         with tracking.start_run(cfg.mlflow, stage, resolved, config_text=config_text, run_key=key) as tracker:
             result = run(cfg, tracker)
             tracker.log_metrics({"wall_seconds": time.time() - start})
-        summary = json.loads(json.dumps(result.summary() if hasattr(result, "summary") else result, default=str))
         if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+            Path(args.summary_json).write_text(json.dumps(to_json(result), indent=2))
         print(f"\n== {stage} finished in {time.time() - start:.1f}s on Ray at {address}")
-        print(yaml.safe_dump(summary, sort_keys=False).rstrip())
+        print(yaml.safe_dump(printable(result), sort_keys=False).rstrip())
         return 0
 
+    main.result_type = typing.get_type_hints(run)["return"]
     return main

@@ -17,12 +17,13 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import PIPELINE_STAGES, EvalModel, PipelineConfig, config_to_dict
 from pipeline.plans import StagePlan
+from pipeline.records import Tracked, hidden, label
 from pipeline.stages import corpus, embed, evaluate, finetune_text, ingest, recaption, sweep, tracking, train_clip
 from pipeline.stages.tracking import Tracker
 from pipeline.versioning import stable_hash
@@ -82,8 +83,13 @@ class Stage:
     name: str
     job: str  # the job it is on its own (its MLflow stage tag)
     plan: Callable[[PipelineConfig], StagePlan]
-    run: Callable[[PipelineConfig, Tracker], Any]
+    run: Callable[[PipelineConfig, Tracker, StagePlan], Any]  # the plan made right before (a training stage reuses what it resolved)
     hand_over: Callable[[PipelineConfig, StagePlan, Any, Handover], None]  # (cfg, plan, result or None when skipped, handover)
+
+
+def _unplanned(run: Callable[[PipelineConfig, Tracker], Any]) -> Callable[[PipelineConfig, Tracker, StagePlan], Any]:
+    """A stage whose run does not take its plan."""
+    return lambda cfg, tracker, plan: run(cfg, tracker)
 
 
 def _over_ingest(cfg, plan, result, h):
@@ -104,7 +110,7 @@ def _over_corpus(cfg, plan, result, h):
 
 
 def _over_finetune(cfg, plan, result, h):
-    result = result or finetune_text.finished_result(cfg)
+    result = result or plan.done
     h.encoder_path, h.encoder_version = result.encoder_path, result.encoder_version
     h.encoder_uri = result.model_uri
 
@@ -114,7 +120,7 @@ def _over_embed_finetuned(cfg, plan, result, h):
 
 
 def _over_train_clip(cfg, plan, result, h):
-    result = result or train_clip.finished_result(cfg)
+    result = result or plan.done
     h.model_path, h.model_uri = result.model_path, result.model_uri
 
 
@@ -137,15 +143,16 @@ def plan_sweep(cfg: PipelineConfig) -> StagePlan:
 
 
 STAGES = (
-    Stage("ingest", "ingest", ingest.plan_ingest, ingest.run_ingest, _over_ingest),
-    Stage("recaption", "recaption", recaption.plan_recaption, recaption.run_recaption, _over_recaption),
-    Stage("embed", "embed", embed.plan_embed, embed.run_embed, _over_embed),
-    Stage("corpus", "corpus", corpus.plan_corpus, corpus.run_corpus, _over_corpus),
+    Stage("ingest", "ingest", ingest.plan_ingest, _unplanned(ingest.run_ingest), _over_ingest),
+    Stage("recaption", "recaption", recaption.plan_recaption, _unplanned(recaption.run_recaption), _over_recaption),
+    Stage("embed", "embed", embed.plan_embed, _unplanned(embed.run_embed), _over_embed),
+    Stage("corpus", "corpus", corpus.plan_corpus, _unplanned(corpus.run_corpus), _over_corpus),
     Stage("finetune-text", "finetune_text", finetune_text.plan_finetune_text, finetune_text.run_finetune_text, _over_finetune),
-    Stage("embed-finetuned", "embed", lambda c: embed.plan_embed(c, "embed-finetuned"), embed.run_embed, _over_embed_finetuned),
+    Stage("embed-finetuned", "embed", lambda c: embed.plan_embed(c, "embed-finetuned"), _unplanned(embed.run_embed),
+          _over_embed_finetuned),
     Stage("train-clip", "train_clip", train_clip.plan_train_clip, train_clip.run_train_clip, _over_train_clip),
-    Stage("evaluate", "evaluate", evaluate.plan_evaluate, evaluate.run_evaluate, _over_evaluate),
-    Stage("sweep", "sweep", plan_sweep, sweep.run_sweep, _over_sweep),
+    Stage("evaluate", "evaluate", evaluate.plan_evaluate, _unplanned(evaluate.run_evaluate), _over_evaluate),
+    Stage("sweep", "sweep", plan_sweep, _unplanned(sweep.run_sweep), _over_sweep),
 )
 assert tuple(s.name for s in STAGES) == PIPELINE_STAGES
 
@@ -213,18 +220,15 @@ class StageRecord:
 
 
 @dataclass
-class PipelineResult:
-    stages: list[StageRecord] = field(default_factory=list)
-    handover: Handover = field(default_factory=Handover)
-    report_markdown: str | None = None
-    mlflow_url: str | None = None
+class PipelineResult(Tracked):
+    stages: list[StageRecord] = hidden(default_factory=list)
+    handover: Handover = label("outputs", default_factory=Handover)
+    report_markdown: str | None = hidden(default=None)
     seconds: float = 0.0
 
-    def summary(self) -> dict[str, Any]:
-        return {"stage": "pipeline",
-                "stages": {r.stage: f"{r.action} in {r.seconds:.0f}s: {r.output}" if r.action == "ran" else f"{r.action}: {r.output}"
-                           for r in self.stages},
-                "outputs": asdict(self.handover), "seconds": round(self.seconds, 1), "mlflow run (parent)": self.mlflow_url}
+    def notes(self) -> dict[str, dict[str, str]]:
+        return {"stages": {r.stage: f"{r.action} in {r.seconds:.0f}s: {r.output}" if r.action == "ran" else f"{r.action}: {r.output}"
+                           for r in self.stages}}
 
 
 def pipeline_key(cfg: PipelineConfig) -> str:
@@ -238,7 +242,8 @@ def run_pipeline(cfg: PipelineConfig, tracker: Tracker) -> PipelineResult:
     from pipeline.faults import crash_point
 
     start = time.perf_counter()
-    result = PipelineResult(mlflow_url=tracker.url)
+    result = PipelineResult()
+    result.tracked_by(tracker)
     h, chosen, key = result.handover, selected(cfg), pipeline_key(cfg)
     child_mlflow = cfg.mlflow.model_copy(update={"parent_run_id": tracker.run_id}) if tracker.enabled else cfg.mlflow
     tracker.set_tags({"llm2clip.pipeline": key})
@@ -260,7 +265,7 @@ def run_pipeline(cfg: PipelineConfig, tracker: Tracker) -> PipelineResult:
             began = time.perf_counter()
             with tracking.start_run(child_mlflow, stage.job, config_to_dict(stage_cfg), run_name=stage.name,
                                     run_key=f"{key}/{stage.name}") as child:
-                out = stage.run(stage_cfg, child)
+                out = stage.run(stage_cfg, child, plan)
                 child.log_metrics({"wall_seconds": time.perf_counter() - began})
             stage.hand_over(stage_cfg, plan, out, h)
             if stage.name == "evaluate":

@@ -14,73 +14,59 @@ import json
 import logging
 import traceback
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from pipeline.config import PipelineConfig, config_to_dict
-from pipeline.store import Store, put_atomically, resolve_filesystem, utc_now
+from pipeline.records import Tracked, hidden, label, to_json
 from pipeline.stages import tracking
-from pipeline.stages.embed import run_embed
+from pipeline.stages.embed import EmbedResult, run_embed
 from pipeline.stages.ingest import run_ingest
-from pipeline.stages.recaption import run_recaption
+from pipeline.stages.listing_ingest import IngestResult
+from pipeline.stages.recaption import RecaptionResult, run_recaption
+from pipeline.store import Store, read_record, resolve_filesystem, utc_now, write_record
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class RefreshResult:
+class RefreshResult(Tracked):
+    """A refresh, as it ran; also its record on storage."""
+
     dataset: str
     started_at: str
-    status: str = "running"
-    new_images_since_last_refresh: int = 0
-    last_refresh: str | None = None
-    steps: dict[str, Any] = field(default_factory=dict)
-    manifest_commits: list[str] = field(default_factory=list)
+    status: str = "running"  # running | succeeded | failed
+    new_images_since_last_refresh: int = label("images added to the manifest since the last refresh", default=0)
+    last_refresh: str | None = None  # when the last successful refresh started
+    ingest: IngestResult | None = None
+    recaption: RecaptionResult | None = None
+    embed: EmbedResult | None = None
+    manifest_commits: list[str] = hidden(default_factory=list)
     error: str | None = None
-    mlflow_run_id: str | None = None
-    mlflow_url: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "stage": "refresh",
-            "status": self.status,
-            "dataset": self.dataset,
-            "started_at": self.started_at,
-            "last refresh": self.last_refresh,
-            "images added to the manifest since the last refresh": self.new_images_since_last_refresh,
-            "steps": self.steps,
-            "error": self.error,
-            "mlflow run": self.mlflow_url,
-        }
-
-    def record(self) -> dict[str, Any]:
-        return {**self.summary(), "manifest_commits": self.manifest_commits, "mlflow_run_id": self.mlflow_run_id, "finished_at": utc_now().isoformat()}
+    finished_at: str | None = hidden(default=None)
 
 
 # ----------------------------------------------------------------- records
-def _records_dir(cfg: PipelineConfig, dataset: str) -> tuple[Any, str]:
+def _records_dir(cfg: PipelineConfig, dataset: str):
     fs, root = resolve_filesystem(cfg.store.uri)
     return fs, f"{root.rstrip('/')}/_refresh/{dataset}"
 
 
-def refresh_records(cfg: PipelineConfig, dataset: str | None = None) -> list[dict[str, Any]]:
+def refresh_records(cfg: PipelineConfig, dataset: str | None = None) -> list[RefreshResult]:
     """Every refresh record of a dataset, oldest first."""
     import pyarrow.fs as pafs
 
     fs, folder = _records_dir(cfg, dataset or cfg.ingest.dataset)
     infos = [i for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
              if i.base_name.endswith(".json") and not i.base_name.startswith(".")]  # not a record being written
-    records = []
-    for info in sorted(infos, key=lambda i: i.base_name):
-        with fs.open_input_stream(info.path) as f:
-            records.append(json.loads(f.read()))
-    return records
+    records = (read_record(fs, info.path, RefreshResult) for info in sorted(infos, key=lambda i: i.base_name))
+    return [r for r in records if r is not None]  # None: removed while listed
 
 
 def _write_record(cfg: PipelineConfig, result: RefreshResult) -> None:
     fs, folder = _records_dir(cfg, result.dataset)
     name = result.started_at.replace(":", "").replace("-", "").replace("+0000", "Z") + f"-{uuid.uuid4().hex[:6]}"
-    put_atomically(fs, f"{folder}/{name}.json", json.dumps(result.record(), indent=2, default=str))
+    result.finished_at = utc_now().isoformat()
+    write_record(fs, f"{folder}/{name}.json", result)
 
 
 def refresh_status(cfg: PipelineConfig) -> int:
@@ -90,50 +76,48 @@ def refresh_status(cfg: PipelineConfig) -> int:
         print(f"no refresh has run for dataset {cfg.ingest.dataset!r} in {cfg.store.uri}")
         return 1
     last = records[-1]
-    ok = [r for r in records if r["status"] == "succeeded"]
-    print(json.dumps(last, indent=2))
-    print(f"\nlast refresh: {last['status']} (started {last['started_at']}); "
-          f"last success: {ok[-1]['started_at'] if ok else 'never'}; {len(records)} refreshes recorded")
-    return 0 if last["status"] == "succeeded" else 1
+    ok = [r for r in records if r.status == "succeeded"]
+    print(json.dumps(to_json(last), indent=2))
+    print(f"\nlast refresh: {last.status} (started {last.started_at}); "
+          f"last success: {ok[-1].started_at if ok else 'never'}; {len(records)} refreshes recorded")
+    return 0 if last.status == "succeeded" else 1
 
 
 # ----------------------------------------------------------------- the job
 def run_refresh(cfg: PipelineConfig, tracker: tracking.Tracker) -> RefreshResult:
     dataset = cfg.recaption.dataset or cfg.ingest.dataset
-    previous = [r for r in refresh_records(cfg, dataset) if r["status"] == "succeeded"]
-    result = RefreshResult(dataset=dataset, started_at=utc_now().isoformat(timespec="seconds"), mlflow_run_id=tracker.run_id)
-    result.last_refresh = previous[-1]["started_at"] if previous else None
+    previous = [r for r in refresh_records(cfg, dataset) if r.status == "succeeded"]
+    result = RefreshResult(dataset=dataset, started_at=utc_now().isoformat(timespec="seconds"))
+    result.last_refresh = previous[-1].started_at if previous else None
     child_mlflow = cfg.mlflow.model_copy(update={"parent_run_id": tracker.run_id}) if tracker.enabled else cfg.mlflow
     resolved = config_to_dict(cfg)
 
-    def step(name: str, fn, step_cfg: PipelineConfig) -> Any:
+    def step(name: str, fn, step_cfg: PipelineConfig):
         log.info("refresh: %s", name)
         with tracking.start_run(child_mlflow, name, resolved, run_name=f"refresh/{name}") as child:
-            out = fn(step_cfg, child)
-        result.steps[name] = out.summary()
-        return out
+            return fn(step_cfg, child)
 
     try:
         if cfg.refresh.ingest:
-            step("ingest", run_ingest, cfg)
+            result.ingest = step("ingest", run_ingest, cfg)
         manifest = Store(cfg.store.uri, "manifest")
         commits = manifest.commits(dataset)
         result.manifest_commits = [c.commit_id for c in commits]
-        seen = set(previous[-1]["manifest_commits"]) if previous else set()
+        seen = set(previous[-1].manifest_commits) if previous else set()
         result.new_images_since_last_refresh = sum(c.num_rows for c in commits if c.commit_id not in seen)
-        recaption = step("recaption", run_recaption, cfg)
+        result.recaption = step("recaption", run_recaption, cfg)
         if cfg.refresh.embed:
             captions = Store(cfg.store.uri, "captions")
-            versions = [v for v in [*cfg.embed.caption_versions, recaption.caption_version] if captions.commits(v)]
+            versions = [v for v in [*cfg.embed.caption_versions, result.recaption.caption_version] if captions.commits(v)]
             embed_cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update={"caption_versions": list(dict.fromkeys(versions))})})
-            step("embed", run_embed, embed_cfg)
+            result.embed = step("embed", run_embed, embed_cfg)
         result.status = "succeeded"
     except Exception as e:
         result.status = "failed"
         result.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
         raise
     finally:
-        result.mlflow_url = tracker.url
+        result.tracked_by(tracker)
         tracker.set_tags({"llm2clip.refresh.status": result.status})
         tracker.log_metrics({"new_images": result.new_images_since_last_refresh})
         _write_record(cfg, result)

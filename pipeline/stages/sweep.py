@@ -27,84 +27,32 @@ start again and resume their Train runs from their last epoch checkpoint.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import shlex
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.fs as pafs
 import ray
 
-from pipeline.clip_data import draw_caption
 from pipeline.config import PipelineConfig, SearchDomain, validate_config
 from pipeline.image_transforms import ImageSpec
+from pipeline.records import Tracked, hidden, label
+from pipeline.stages.clip_samples import CaptionPlan, ClipInputs, TextSource, load_samples, read_meta, write_meta
+from pipeline.stages.clip_task import MEAN_R1, ClipTask, FeatureClipTask, train_plan
 from pipeline.stages.features import FeatureResult, compute_features, feature_identity
 from pipeline.stages.tracking import Tracker, open_run
-from pipeline.store import Store, put_atomically
-from pipeline.stages.train_clip import (
-    MEAN_R1, SAMPLES_META, CaptionPlan, read_meta, ClipTask, TextSource, model_config_for, prepare_run, sample_rows, samples_key, text_source, total_steps,
-    train_plan, vision_ref,
-)
-from pipeline.stages.trainer import WorkerContext, finished_run, fit, storage_path
+from pipeline.stages.trainer import finished_run, fit
+from pipeline.store import Store
 from pipeline.sweep_report import TrialRow, best_config_yaml, parallel_coordinates, trials_table
-from pipeline.training import TrainState, unseen_batches
+from pipeline.training import TrainState
 from pipeline.versioning import stable_hash
 
 TRIAL_KEY = "llm2clip.trial_id"
 SWEEP_KEY = "llm2clip.sweep"
-
-
-# ----------------------------------------------------------------- the cheap trial's task
-@dataclass
-class FeatureClipTask(ClipTask):
-    """train-clip's task on cached features: the same step, loss, clamp and validation; the
-    vision side is `CachedVision`. A worker holds its shard in memory (features and
-    embeddings are small) and draws each epoch's order and captions from (seed, epoch)."""
-
-    feature_dim: int = 0
-    weights: dict[str, float] = field(default_factory=dict)  # caption version -> weight
-
-    def build(self, ctx: WorkerContext):
-        from pipeline.clip_model import LLM2CLIP
-
-        self._setup(ctx)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # a trial reads small cached rows, every epoch
-        self.flops_per_sample = 0.0
-        self._train: dict[str, np.ndarray] | None = None
-        self._val: list[dict[str, Any]] | None = None
-        return LLM2CLIP.on_features(self.model_config, self.feature_dim).to(ctx.device)
-
-    def batches(self, shard, state: TrainState, ctx: WorkerContext):
-        if self._train is None:
-            frames = list(shard.iter_batches(batch_size=4096, batch_format="numpy"))
-            self._train = {k: np.concatenate([f[k] for f in frames]) for k in ("sample_id", "feature", "caption_version", "embedding")}
-        rows = self._train
-        rng = np.random.default_rng([self.tc.seed, state.epoch, ctx.rank])
-        order = rng.permutation(len(rows["sample_id"]))
-        picks = [draw_caption(list(rows["caption_version"][i]), self.weights, rng) for i in order]
-        keep = [i for i, k in zip(order, picks) if k is not None]
-        frame = {"sample_id": rows["sample_id"][keep],
-                 "feature": np.stack([np.asarray(rows["feature"][i], dtype=np.float32) for i in keep]),
-                 "embedding": np.stack([np.asarray(rows["embedding"][i][k], dtype=np.float32) for i, k in zip(order, picks) if k is not None])}
-        return unseen_batches([frame], ctx.plan.micro_batch * ctx.plan.accum_steps, state.trained, id_column="sample_id")
-
-    def _image_input(self, batch: dict[str, Any], ctx: WorkerContext):
-        import torch
-
-        features = batch["feature"]
-        if features.dtype == object:
-            features = np.stack([np.asarray(f, dtype=np.float32) for f in features])
-        return torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(ctx.device)
-
-    def _val_batches(self):
-        if self._val is None:
-            self._val = list(ray.train.get_dataset_shard("val").iter_batches(batch_size=256, batch_format="numpy"))
-        return iter(self._val)
 
 
 # ----------------------------------------------------------------- what a trial gets
@@ -120,6 +68,7 @@ class TrialInputs:
     workers: int
     cpus_per_worker: float
     source: TextSource
+    vision: str  # the run's vision backbone (a cheap trial trains only its projection, on cached features)
     num_train: int
     feature_dim: int | None = None
     image_spec: ImageSpec | None = None  # what the cached features were computed with (cheap)
@@ -165,18 +114,16 @@ def run_trial(values: dict[str, Any], inputs: TrialInputs, datasets: dict[str, A
     run_name = f"{inputs.sweep_name}-{trial_id}"
     tracking_uri = inputs.tracking_uri if tracker.enabled else None
     if inputs.mode == "cheap":
-        captions = CaptionPlan.of(cfg)
-        spec = inputs.image_spec
-        model_config = replace(model_config_for(tc, inputs.source, vision_ref(cfg)), image_size=spec.size, image_mean=spec.mean,
-                               image_std=spec.std)
-        task = FeatureClipTask(model_config=model_config, vision_path="", clip_text_path=None, tc=tc,
+        captions = CaptionPlan.of(cfg)  # a trial may weigh the caption versions differently
+        task = FeatureClipTask(tc=tc, source=inputs.source, vision_path=inputs.vision, clip_text_path=None,
                                eval_versions={name: captions.named[v] for name, v in tc.eval_captions.items()}, shuffle_buffer=0,
-                               feature_dim=inputs.feature_dim, weights={captions.named[n]: w for n, w in tc.caption_weights.items()})
-        total, data = total_steps(tc, inputs.num_train, tc.num_workers), datasets
+                               image_spec=inputs.image_spec, feature_dim=inputs.feature_dim,
+                               weights={captions.named[n]: w for n, w in tc.caption_weights.items()})
+        data = datasets
     else:
-        run = prepare_run(cfg)
-        task, total, data = run.task(tc), run.total_steps, run.datasets
-    plan = train_plan(tc, run_name, total, inputs.num_train, tracking_uri, tracker.run_id, checkpoint_epochs=True)
+        clip_inputs = ClipInputs.resolve(cfg, inputs.source)
+        task, data = ClipTask.of(cfg, clip_inputs), load_samples(cfg, clip_inputs).datasets
+    plan = train_plan(tc, run_name, inputs.num_train, tracking_uri, tracker.run_id, checkpoint_epochs=True)
     done = finished_run(plan, inputs.storage)
     if done is not None:  # trained before the sweep's driver stopped: report its result, train nothing
         tune.report(report_metrics(done.state))
@@ -235,32 +182,29 @@ def trial_resources(cfg: PipelineConfig) -> tuple[int, float, int]:
     return workers, cpus, max(1, min(sw.concurrency or fits, trials))
 
 
-def frozen_tower(cfg: PipelineConfig) -> str:
+def frozen_tower(cfg: PipelineConfig, inputs: ClipInputs) -> str:
     """The tower a cheap sweep caches features of."""
-    return cfg.sweep.vision_model or vision_ref(cfg)
+    return cfg.sweep.vision_model or inputs.vision
 
 
-def feature_version(cfg: PipelineConfig) -> str:
-    return feature_identity(frozen_tower(cfg), cfg.train_clip.image_size)[0]
-
-
-def sweep_name(cfg: PipelineConfig) -> str:
+def sweep_name(cfg: PipelineConfig, inputs: ClipInputs | None = None) -> str:
     """The resume key: the sweep section, the base recipe, the inputs the trials read, and where
     the sweep lives (two run folders on one MLflow server are two sweeps)."""
     if cfg.sweep.name:
         return cfg.sweep.name
-    source = text_source(cfg)
-    features = feature_version(cfg) if cfg.sweep.mode == "cheap" else None  # a moved alias is another sweep
-    identity = {"storage": storage_path(cfg.train_clip.settings(), cfg.run_dir), "features": features,
+    inputs = inputs or ClipInputs.resolve(cfg)
+    tower = frozen_tower(cfg, inputs)
+    features = feature_identity(tower, cfg.train_clip.image_size)[0] if cfg.sweep.mode == "cheap" else None  # a moved alias is another sweep
+    identity = {"storage": inputs.storage, "features": features,
                 "sweep": cfg.sweep.model_dump(mode="json", exclude={"name", "concurrency", "feature_actors", "feature_batch_size"}),
-                "recipe": cfg.train_clip.recipe(), "vision": frozen_tower(cfg), "encoder_version": source.encoder_version,
-                "samples": samples_key(cfg, source, CaptionPlan.of(cfg))}
+                "recipe": cfg.train_clip.recipe(), "vision": tower, "encoder_version": inputs.source.encoder_version,
+                "samples": inputs.samples.key}
     return "sweep-" + stable_hash(identity, 10)
 
 
 @dataclass
-class SweepResult:
-    name: str
+class SweepResult(Tracked):
+    name: str = label("sweep (resume key)")
     mode: str
     search: str = ""
     scheduler: str = ""
@@ -269,43 +213,41 @@ class SweepResult:
     stopped_early: int = 0
     errored: int = 0
     resumed: bool = False
-    concurrency: int = 0
-    features: dict[str, Any] | None = None
+    concurrency: int = label("trials at once", default=0)
+    features: FeatureResult | None = None
     best_trial: str | None = None
     best_metric: float | None = None
     metric: str = MEAN_R1
-    best_params: dict[str, Any] = field(default_factory=dict)
-    best_config_path: str | None = None
-    rows: list[TrialRow] = field(default_factory=list)
+    best_params: dict[str, Any] = label("best values", default_factory=dict)
+    best_config_path: str | None = label("best config", default=None)
+    rows: list[TrialRow] = hidden(default_factory=list)
     seconds: float = 0.0
-    mlflow_url: str | None = None
 
-    def summary(self) -> dict[str, Any]:
+    def notes(self) -> dict[str, str | None]:
         sets = " ".join(f"--set {shlex.quote(f'{k}={v}')}" for k, v in self.best_params.items())
-        return {
-            "stage": "sweep", "sweep (resume key)": self.name, "mode": self.mode, "search": self.search, "scheduler": self.scheduler,
-            "trials at once": self.concurrency, "resumed": self.resumed, "features": self.features, "trials": self.trials, "finished": self.finished,
-            "stopped early": self.stopped_early, "errored": self.errored, "metric": self.metric, "best trial": self.best_trial,
-            f"best {self.metric}": self.best_metric, "best values": self.best_params, "best config": self.best_config_path,
-            "train it": f"python -m jobs.train_clip --config {self.best_config_path}" if self.best_config_path else None,
-            "or": f"python -m jobs.train_clip --config CONFIG {sets}" if sets else None,
-            "seconds": round(self.seconds, 1), "mlflow run": self.mlflow_url,
-        }
+        return {"train it": f"python -m jobs.train_clip --config {self.best_config_path}" if self.best_config_path else None,
+                "or": f"python -m jobs.train_clip --config CONFIG {sets}" if sets else None}
 
 
-def _cheap_inputs(cfg: PipelineConfig, source: TextSource, storage: str, tracker: Tracker) -> tuple[dict[str, Any], int, FeatureResult]:
+@dataclass(frozen=True)
+class FeatureSamples:
+    """The meta of a sweep's samples joined to their cached features (kept beside the samples)."""
+
+    feature_version: str
+    samples: str  # the samples' folder
+
+
+def _cheap_inputs(cfg: PipelineConfig, inputs: ClipInputs, tracker: Tracker) -> tuple[dict[str, Any], int, FeatureResult]:
     """Cached features joined to the samples' caption embeddings: materialised train/val datasets."""
     tc, sw = cfg.train_clip, cfg.sweep
-    captions = CaptionPlan.of(cfg)
-    rows = sample_rows(cfg, source, captions, storage)
+    rows = inputs.joined(cfg).samples
     read = {split: ray.data.read_parquet(f"{rows.root}/{split}", filesystem=rows.fs) for split in ("train", "val")}
-    features = compute_features(cfg.store.uri, frozen_tower(cfg), read["train"].union(read["val"]), tc.image_size,
-                                cfg.ingest.limits.max_bytes,
-                                sw.feature_actors, sw.feature_batch_size, tracker.run_id)
+    features = compute_features(cfg.store.uri, frozen_tower(cfg, inputs), read["train"].union(read["val"]), tc.image_size,
+                                cfg.ingest.limits.max_bytes, sw.feature_actors, sw.feature_batch_size, tracker.run_id)
     # The samples with their features, joined once and kept beside the samples: a resumed or
     # repeated sweep of the same inputs and tower reads them back.
     root = f"{rows.root}-{features.version}"
-    if read_meta(rows.fs, root) is None:
+    if read_meta(rows.fs, root, FeatureSamples) is None:
         if rows.fs.get_file_info(root).type != pafs.FileType.NotFound:
             rows.fs.delete_dir(root)  # an interrupted write
         store = Store(cfg.store.uri, "features")
@@ -318,11 +260,11 @@ def _cheap_inputs(cfg: PipelineConfig, source: TextSource, storage: str, tracker
         joined = tagged[0].union(tagged[1]).join(cached, "inner", num_partitions=partitions, on=("image_id",)).materialize()
         for split in read:
             joined.filter(expr=f"split == '{split}'").drop_columns(["split"]).write_parquet(f"{root}/{split}", filesystem=rows.fs)
-        put_atomically(rows.fs, f"{root}/{SAMPLES_META}", json.dumps({"feature_version": features.version, "samples": rows.root}))
+        write_meta(rows.fs, root, FeatureSamples(features.version, rows.root))
     data = {split: ray.data.read_parquet(f"{root}/{split}", filesystem=rows.fs).materialize() for split in read}
     num_train = data["train"].count()
-    if num_train < rows.meta["num_train"]:
-        print(f"sweep: {rows.meta['num_train'] - num_train} training images have no feature (unreadable: {features.rejected})", flush=True)
+    if num_train < rows.meta.num_train:
+        print(f"sweep: {rows.meta.num_train - num_train} training images have no feature (unreadable: {features.rejected})", flush=True)
     return data, num_train, features
 
 
@@ -347,31 +289,32 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker) -> SweepResult:
     if sw.mode == "cheap" and tc.text_tower != "llm":
         raise ValueError("sweep.mode cheap trains the adapter on cached LLM embeddings: train_clip.text_tower must be llm")
     start = time.perf_counter()
-    name = sweep_name(cfg)
-    storage = storage_path(tc.settings(), cfg.run_dir)
-    source = text_source(cfg)
+    inputs = ClipInputs.resolve(cfg)
+    name = sweep_name(cfg, inputs)
     result = SweepResult(name=name, mode=sw.mode, metric=sw.metric)
+    result.tracked_by(tracker)
     workers, cpus, concurrency = trial_resources(cfg)
     search, result.search = search_algorithm(cfg, concurrency)
     result.concurrency = concurrency
     datasets, feature = None, None
     if sw.mode == "cheap":
-        datasets, num_train, feature = _cheap_inputs(cfg, source, storage, tracker)
-        result.features = feature.summary()
+        datasets, num_train, feature = _cheap_inputs(cfg, inputs, tracker)
+        result.features = feature
     else:
-        num_train = prepare_run(cfg).data.num_train
+        num_train = inputs.joined(cfg).samples.meta.num_train
     experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id if tracker.enabled else None
-    inputs = TrialInputs(base=cfg.model_dump(mode="json"), sweep_name=name, mode=sw.mode, storage=f"{storage.rstrip('/')}/sweep-trials",
-                         max_epochs=sw.max_epochs, workers=workers, cpus_per_worker=cpus, source=source, num_train=num_train,
-                         feature_dim=feature.dim if feature else None, image_spec=feature.spec if feature else None,
-                         tracking_uri=cfg.mlflow.tracking_uri if tracker.enabled else None, experiment_id=experiment_id,
-                         parent_run_id=tracker.run_id)
+    storage = inputs.storage
+    trial = TrialInputs(base=cfg.model_dump(mode="json"), sweep_name=name, mode=sw.mode, storage=f"{storage.rstrip('/')}/sweep-trials",
+                        max_epochs=sw.max_epochs, workers=workers, cpus_per_worker=cpus, source=inputs.source, vision=inputs.vision,
+                        num_train=num_train, feature_dim=feature.dim if feature else None, image_spec=feature.spec if feature else None,
+                        tracking_uri=cfg.mlflow.tracking_uri if tracker.enabled else None, experiment_id=experiment_id,
+                        parent_run_id=tracker.run_id)
     tracker.set_tags({SWEEP_KEY: name, "llm2clip.sweep.mode": sw.mode, "llm2clip.sweep.search": result.search,
                       "llm2clip.sweep.features": feature.version if feature else ""})
     # The trial's own actor only waits on its Train run, whose workers hold the trial's CPUs.
     # Tune refuses an empty bundle, and any CPU fraction here would leave the last trial's
     # workers short of a whole CPU: it reserves a little memory instead.
-    trainable = tune.with_parameters(tune.with_resources(run_trial, {"memory": 64 * 2**20}), inputs=inputs, datasets=datasets)
+    trainable = tune.with_parameters(tune.with_resources(run_trial, {"memory": 64 * 2**20}), inputs=trial, datasets=datasets)
     path = f"{storage.rstrip('/')}/sweeps/{name}"
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # the experiment state follows each trial closely (resume)
     max_t = math.ceil(sw.max_epochs)
@@ -391,7 +334,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker) -> SweepResult:
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=f"{storage.rstrip('/')}/sweeps", verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      callbacks=[_closer(inputs.tracking_uri, tracker.run_id, name, sw.metric, max_t)]),
+                                      callbacks=[_closer(trial.tracking_uri, tracker.run_id, name, sw.metric, max_t)]),
         )
     grid = tuner.fit()
     result.rows = [_row(r, sw.metric, max_t, tracker, name) for r in grid]
@@ -400,7 +343,6 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker) -> SweepResult:
         setattr(result, status, sum(r.status == status for r in result.rows))
     _report(cfg, result, tracker)
     result.seconds = time.perf_counter() - start
-    result.mlflow_url = tracker.url
     return result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
 from pipeline.config import MlflowConfig
+from pipeline.records import to_json
 from pipeline.versioning import code_version
 
 _PARAM_MAX = 6000  # MLflow's param value limit is 6000 characters
@@ -112,6 +114,11 @@ class Tracker:
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         if self.enabled:
             self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_result(self, result: Any, section: str) -> None:
+        """A stage's result, by field name, as `{section}/summary.json`."""
+        if self.enabled:
+            self.client.log_dict(self.run_id, to_json(result), f"{section}/summary.json")
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
@@ -224,3 +231,32 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out[name] = value
     return out
 
+
+# ----------------------------------------------------------------- the model registry
+@dataclass(frozen=True)
+class Registration:
+    name: str  # the registered model
+    description: str
+    identity: dict[str, str]  # tags that name this model: a version carrying all of them is this model
+    tags: dict[str, str] = field(default_factory=dict)  # more of its lineage
+    alias: str | None = None  # moved to the version
+
+
+def register(entry: Registration, artifact: str, tracker: Tracker) -> tuple[str, str]:
+    """("NAME vN", "models:/NAME/N") of the registry version holding the run's `artifact`. A
+    version with the same identity tags is this model again (a re-run killed after
+    registering): it is reused, never registered twice."""
+    import mlflow
+
+    client = tracker.client
+    try:
+        client.get_registered_model(entry.name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(entry.name, description=entry.description)
+    same = [v for v in client.search_model_versions(f"name='{entry.name}'")
+            if all(v.tags.get(k) == value for k, value in entry.identity.items())]
+    mv = same[0] if same else client.create_model_version(entry.name, source=tracker.artifact_uri(artifact), run_id=tracker.run_id,
+                                                          tags={**entry.tags, **entry.identity})
+    if entry.alias:
+        client.set_registered_model_alias(entry.name, entry.alias, mv.version)
+    return f"{entry.name} v{mv.version}", f"models:/{entry.name}/{mv.version}"

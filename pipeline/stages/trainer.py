@@ -1,30 +1,32 @@
 """The one trainer behind every training stage: Ray Train's `TorchTrainer` around one
-DeepSpeed engine per worker, checkpoints with an exact data position, resume, and rank-0
-MLflow logging. A stage supplies a `TrainTask` (its model, its batches, its step); the
-loop, the checkpoints and the bookkeeping are here, once.
+DeepSpeed engine per worker, checkpoints with an exact data position, resume, rank-0 MLflow
+logging, and the finish step. A stage supplies a `TrainTask` (its model, its batches, its
+step, how its model is saved); the loop, the checkpoints and the bookkeeping are here, once.
 
 What crosses the Ray boundary is typed: the task (a dataclass the stage builds on the
 driver) and a `TrainPlan`; what comes back is the final checkpoint and rank 0's
-`WorkerOutcome`.
+`WorkerOutcome`. Every `checkpoint_every` steps the workers save a `Checkpoint`
+(`pipeline.stages.checkpoint`); a replaced worker group (`max_failures`) and a job started
+again with the same run name resume from the latest one.
 
-Checkpoints: every `checkpoint_every` steps each rank writes its DeepSpeed state (frozen
-weights are not written) into one folder, rank 0 adds the `TrainState` (step, epoch, the
-ids the epoch has trained, gathered from every rank) and, in the final one, the task's
-exported weights; Ray Train persists the folder under `{storage_path}/{run_name}`. A
-replaced worker group (`max_failures`) and a job started again with the same run name
-resume from the latest checkpoint.
+`train` is the one training driver: it fits the run (or finds it finished) and publishes its
+model. A Ray task on any node reads the final checkpoint's weights from storage, has the task
+build and save the model (`TrainTask.save_model`), writes its lineage beside it, logs it to the
+MLflow run and copies it to `{storage_path}/{run_name}/outputs/{artifact}-step{N}`. The stage
+then registers it (`tracking.register`) and records its result beside the outputs, its last act.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
+import shutil
 import tempfile
 import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,12 @@ import ray
 
 from pipeline.config import OptimizerSettings, TrainerSettings
 from pipeline.faults import crash_point
-from pipeline.training import TRAIN_STATE, TrainState, deepspeed_config, lr_factor, state_digest
+from pipeline.lineage import ModelLineage
+from pipeline.model_refs import is_remote_uri
+from pipeline.stages.checkpoint import Checkpoint
+from pipeline.training import StepTimes, TrainState, deepspeed_config, lr_factor, ray_data_blocked_seconds
 
 log = logging.getLogger(__name__)
-
-EXPORT = "export.safetensors"  # the task's exported weights, in the final checkpoint
 
 
 @dataclass(frozen=True)
@@ -80,26 +83,15 @@ class WorkerOutcome:
     (the rest is in the final checkpoint's TrainState)."""
 
     resumed_from_step: int | None  # None: this attempt started from scratch
+    resume_verified: bool | None = None  # True: every rank's parameters, optimizer state and lr hashed as saved
     task_outcome: Any = None  # what the task's `outcome` gathered (e.g. unreadable images)
-    timed_steps: int = 0  # steps of this attempt after its first (which pays for start-up)
-    step_seconds: float = 0.0  # their wall time, waiting for data included
-    wait_seconds: float = 0.0  # of which the loop waited for its next batch
-    epoch_start_wait_seconds: float = 0.0  # of which for the first batch of an epoch (Ray Data starts the pass)
-    resume_verified: bool | None = None  # True: after loading, every rank's parameters, optimizer state and lr
-    # hashed as they did when the checkpoint was saved (None: not resumed, or on other ranks/ZeRO)
-
-    @property
-    def data_wait_fraction(self) -> float | None:
-        return self.wait_seconds / self.step_seconds if self.step_seconds else None
-
-    @property
-    def within_epoch_wait_fraction(self) -> float | None:
-        """The wait once an epoch's stream runs: what long epochs approach."""
-        return (self.wait_seconds - self.epoch_start_wait_seconds) / self.step_seconds if self.step_seconds else None
+    times: StepTimes = field(default_factory=StepTimes)
 
 
 class TrainTask(ABC):
     """What a training stage supplies. Built on the driver, pickled to every worker."""
+
+    exports_trainable_only = False  # the final checkpoint's weights: the trained ones (LoRA adapters), or all
 
     @abstractmethod
     def build(self, ctx: WorkerContext):
@@ -126,35 +118,15 @@ class TrainTask(ABC):
         rank 0's result is logged)."""
         return {}
 
-    def export(self, engine, ctx: WorkerContext) -> dict[str, Any]:
-        """Weights the driver needs afterwards (all ranks call it; rank 0's are saved in the final checkpoint)."""
-        return {}
-
     def outcome(self, ctx: WorkerContext) -> Any:
         """What the task hands back to the driver when the run ends (all ranks call it; rank 0's
         value arrives as `WorkerOutcome.task_outcome`)."""
         return None
 
-
-def full_state(engine, trainable_only: bool) -> dict[str, Any]:
-    """The module's parameters as float32 CPU tensors on rank 0 (empty on the others): the
-    optimizer's fp32 master copy of trained weights (bf16/fp16 runs keep one), the module's
-    value of frozen ones, gathered under ZeRO-3. Every rank must call it."""
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    out = {}
-    for name, param in engine.module.named_parameters():
-        if trainable_only and not param.requires_grad:
-            continue
-        value = safe_get_full_fp32_param(param) if param.requires_grad else None  # a collective under ZeRO
-        if value is None:
-            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-                value = param.detach().clone()
-        if dist.get_rank() == 0:
-            out[name] = value.float().cpu().clone()
-    return out
+    def save_model(self, weights: dict[str, Any], folder: Path) -> str | None:
+        """Save the model the exported `weights` make into `folder` (the finish step, off the
+        workers); return its own version when it has one (a text encoder's encoder_version)."""
+        raise NotImplementedError(f"{type(self).__name__} saves no model")
 
 
 # ----------------------------------------------------------------- worker
@@ -188,18 +160,30 @@ def _started(batches: Iterator) -> Iterator:
     return chain()
 
 
-def _merged_position(state: TrainState) -> TrainState:
-    """The state with the trained ids of every rank."""
-    import torch.distributed as dist
+class _Epoch:
+    """One epoch's batch stream on this rank: a batch is taken only when every rank has one,
+    and the wait for it is timed."""
 
-    from pipeline.training import SampleSet
+    def __init__(self, batches: Iterator, device):
+        self.batches, self.device = batches, device
+        self.began: float | None = None  # when its first batch was asked for (after the evaluation before it)
+        self.step_began = 0.0
+        self.wait = self.waited = 0.0  # the last batch's wait; the epoch's so far
 
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, state.trained.to_json())
-    merged = state.trained
-    for part in parts:
-        merged = merged.union(SampleSet.from_json(part))
-    return TrainState(**{**state.__dict__, "trained": merged})
+    def next_batch(self) -> Any | None:
+        self.step_began = time.perf_counter()
+        self.began = self.began or self.step_began
+        batch = next(self.batches, None)
+        self.wait = time.perf_counter() - self.step_began
+        if not _everyone(batch is not None, self.device):
+            return None
+        self.waited += self.wait
+        return batch
+
+    def drain(self) -> None:
+        """Every worker reads its whole shard before the next epoch starts the stream again."""
+        for _ in self.batches:
+            pass
 
 
 class _Loop:
@@ -222,132 +206,91 @@ class _Loop:
         model = task.build(self.ctx)
         opt = plan.optimizer
         optimizer = torch.optim.AdamW(task.param_groups(model, opt), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opt.schedule, plan.total_steps, opt.warmup_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opt.schedule, plan.total_steps, opt.warmup_steps))
         config = deepspeed_config(plan.trainer, opt, plan.precision, plan.micro_batch, plan.accum_steps)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-        self.scheduler = scheduler
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=config)
         self.state = TrainState(plan.num_samples, world_size=world, zero_stage=plan.trainer.zero_stage)
         self.tracker = Tracker.for_run(plan.tracking_uri, plan.mlflow_run_id) if rank == 0 else Tracker(None, None)
-        self._blocked_total = 0.0  # Ray Data's blocked time on this shard so far (its stats are cumulative)
+        self.shard = ray.train.get_dataset_shard("train")
         self.outcome = WorkerOutcome(resumed_from_step=None)
+        self.evaluated_at = -1
+        self._blocked_total = 0.0  # Ray Data's blocked time on this shard so far (its stats are cumulative)
 
     def restore(self) -> None:
-        checkpoint = ray.train.get_checkpoint()
-        if not checkpoint:
+        stored = ray.train.get_checkpoint()
+        if not stored:
             return
-        with checkpoint.as_directory() as d:
-            saved = TrainState.load(d)
-            if (saved.world_size, saved.zero_stage) != (self.ctx.world, self.plan.trainer.zero_stage):
-                log.warning("checkpoint of %s was written by %d workers with ZeRO-%d; loading it into %d workers with ZeRO-%d",
-                            self.plan.run_name, saved.world_size, saved.zero_stage, self.ctx.world, self.plan.trainer.zero_stage)
-            try:
-                self.engine.load_checkpoint(d, tag="state", load_module_strict=False)
-            except Exception as e:  # noqa: BLE001 - name the cause and the way out
-                raise RuntimeError(
-                    f"cannot resume {self.plan.run_name} from its step-{saved.step} checkpoint (written by {saved.world_size} "
-                    f"workers with ZeRO-{saved.zero_stage}; this run has {self.ctx.world} with ZeRO-{self.plan.trainer.zero_stage}): "
-                    f"{type(e).__name__}: {e}. Resume with the settings it was written with, or set a new run_name to start over"
-                ) from e
-            if (saved.world_size, saved.zero_stage) == (self.ctx.world, self.plan.trainer.zero_stage):
-                self._verify_resume(Path(d), saved.step)
-        self.state = TrainState(**{**saved.__dict__, "world_size": self.ctx.world, "zero_stage": self.plan.trainer.zero_stage})
-        self.outcome.resumed_from_step = saved.step
+        with stored.as_directory() as folder:
+            self.state, self.outcome.resume_verified = Checkpoint.load(
+                folder, self.engine, self.scheduler, self.ctx.rank, self.ctx.world, self.plan.trainer.zero_stage, self.plan.run_name)
+        self.outcome.resumed_from_step = self.state.step
         if self.ctx.rank == 0:
-            print(f"resumed {self.plan.run_name} from step {saved.step} (epoch {saved.epoch}, {len(saved.trained)} of its samples trained)", flush=True)
-
-    def _digest(self) -> str:
-        return state_digest(self.engine.module, self.engine.optimizer.state_dict(), self.scheduler.get_last_lr())
-
-    def _verify_resume(self, folder: Path, step: int) -> None:
-        """The tensors a resume must restore, compared with their digest at save time (not the
-        step counter): a partial load (`load_module_strict=False`) cannot pass unnoticed."""
-        saved = folder / f"state-digest-rank{self.ctx.rank}.txt"
-        if not saved.is_file():  # a checkpoint written before digests existed
-            return
-        now = self._digest()
-        if now != saved.read_text().strip():
-            raise RuntimeError(f"rank {self.ctx.rank}: resuming {self.plan.run_name} from step {step} did not restore its parameters, "
-                               f"optimizer state and lr as saved (digest {now} != {saved.read_text().strip()})")
-        self.outcome.resume_verified = True
-
-    def save(self, reason: str) -> None:
-        """Every rank writes its DeepSpeed state into one folder; Ray Train persists it."""
-        import torch.distributed as dist
-        from safetensors.torch import save_file
-
-        state = _merged_position(self.state)
-        state.reason = reason
-        exported = self.task.export(self.engine, self.ctx) if reason == "final" else {}
-        with tempfile.TemporaryDirectory() as tmp:
-            self.engine.save_checkpoint(tmp, tag="state", exclude_frozen_parameters=True)
-            (Path(tmp) / f"state-digest-rank{self.ctx.rank}.txt").write_text(self._digest())
-            if self.ctx.rank == 0:
-                state.save(tmp)
-                if exported:
-                    save_file({k: v.contiguous() for k, v in exported.items()}, str(Path(tmp) / EXPORT))
-            dist.barrier()
-            crash_point("train.checkpoint_saving", step=state.step)  # the state is written, Ray Train has not registered it
-            metrics = {"step": state.step, "epoch": state.epoch, "loss": state.last_loss if state.last_loss is not None else float("nan"),
-                       **state.evaluation}
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            print(f"resumed {self.plan.run_name} from step {self.state.step} (epoch {self.state.epoch}, "
+                  f"{len(self.state.trained)} of its samples trained)", flush=True)
 
     def run(self) -> WorkerOutcome:
-        plan, state, ctx = self.plan, self.state, self.ctx
-        if state.finished:  # a finished run does no work
-            self.outcome.task_outcome = self.task.outcome(ctx)
-            return self.outcome
-        shard = ray.train.get_dataset_shard("train")
-        evaluated_at, upcoming = -1, None
-        while state.step < plan.total_steps:
-            batches, upcoming = upcoming or self.task.batches(shard, state, ctx), None
-            waited, started = 0.0, time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                wait = time.perf_counter() - t0
-                if not _everyone(batch is not None, ctx.device):
-                    break
-                out = self.task.train_step(self.engine, batch, state, ctx)
-                self.task.after_step(self.engine, ctx)
-                state.step += 1
-                state.trained.add(out.sample_ids)
-                state.last_loss = out.loss
-                crash_point("train.step", step=state.step)
-                step_s = time.perf_counter() - t0
-                waited += wait
-                self._log_step(out, step_s, wait)
-                if state.step > (self.outcome.resumed_from_step or 0) + 1:
-                    self.outcome.timed_steps += 1
-                    self.outcome.step_seconds += step_s
-                    self.outcome.wait_seconds += wait
-                    if state.step == state.epoch_start_step + 1:
-                        self.outcome.epoch_start_wait_seconds += wait
-                if state.step >= plan.total_steps:
-                    break
-                if state.step % plan.trainer.checkpoint_every == 0:
+        state, plan = self.state, self.plan
+        if not state.finished:  # a finished run does no work
+            epoch = _Epoch(self.task.batches(self.shard, state, self.ctx), self.ctx.device)
+            while state.step < plan.total_steps:
+                batch = epoch.next_batch()
+                if batch is None:  # some rank's epoch is over
+                    epoch = self.next_epoch(epoch)
+                    continue
+                out = self.task.train_step(self.engine, batch, state, self.ctx)
+                self.task.after_step(self.engine, self.ctx)
+                self.advance(out, epoch)
+                if state.step < plan.total_steps and state.step % plan.trainer.checkpoint_every == 0:
                     self.save("periodic")
-            if state.step >= plan.total_steps:
-                break
-            for _ in batches:
-                pass  # drain: every worker reads its whole shard before the next epoch starts the stream again
-            if state.step == state.epoch_start_step:
-                raise RuntimeError(f"rank {ctx.rank}: the data gave no full batch of {plan.micro_batch * plan.accum_steps} "
-                                   f"on every worker in epoch {state.epoch}")
-            self._log_epoch(shard, waited, time.perf_counter() - started)
-            state.next_epoch()
-            upcoming = _started(self.task.batches(shard, state, ctx))  # overlaps the evaluation
-            self._evaluate()
-            evaluated_at = state.step
-            if plan.checkpoint_epochs:
-                self.save("epoch")
-        if evaluated_at != state.step:
-            self._evaluate()
-        self.save("final")
-        self.outcome.task_outcome = self.task.outcome(ctx)
+            if self.evaluated_at != state.step:
+                self.evaluate()
+            self.save("final")
+        self.outcome.task_outcome = self.task.outcome(self.ctx)
         return self.outcome
 
-    def _evaluate(self) -> None:
+    def advance(self, out: StepOutput, epoch: _Epoch) -> None:
+        """The step is taken: count it, record what it trained, time and log it."""
+        state = self.state
+        state.step += 1
+        state.trained.add(out.sample_ids)
+        state.last_loss = out.loss
+        crash_point("train.step", step=state.step)
+        seconds = time.perf_counter() - epoch.step_began
+        if state.step > (self.outcome.resumed_from_step or 0) + 1:
+            self.outcome.times.add(seconds, epoch.wait, epoch_start=state.step == state.epoch_start_step + 1)
+        self._log_step(out, seconds, epoch.wait)
+
+    def next_epoch(self, ended: _Epoch) -> _Epoch:
+        """Close the epoch (drain, log), start the next one's stream, evaluate while it fills."""
+        ended.drain()
+        if self.state.step == self.state.epoch_start_step:
+            raise RuntimeError(f"rank {self.ctx.rank}: the data gave no full batch of {self.plan.micro_batch * self.plan.accum_steps} "
+                               f"on every worker in epoch {self.state.epoch}")
+        self._log_epoch(ended.waited, time.perf_counter() - ended.began)
+        self.state.next_epoch()
+        upcoming = _Epoch(_started(self.task.batches(self.shard, self.state, self.ctx)), self.ctx.device)
+        self.evaluate()
+        if self.plan.checkpoint_epochs:
+            self.save("epoch")
+        return upcoming
+
+    def save(self, reason: str) -> None:
+        """Every rank writes its part of one checkpoint folder; Ray Train persists it."""
+        import torch.distributed as dist
+
+        checkpoint = Checkpoint.gather(self.state, reason, self.engine, self.task.exports_trainable_only)
+        state = checkpoint.state
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint.save(folder, self.engine, self.scheduler, self.ctx.rank)
+            dist.barrier()
+            crash_point("train.checkpoint_saving", step=state.step)  # the state is written, Ray Train has not registered it
+            loss = state.last_loss if state.last_loss is not None else float("nan")
+            metrics = {"step": state.step, "epoch": state.epoch, "loss": loss, **state.evaluation}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    def evaluate(self) -> None:
         self.state.evaluation = self.task.evaluate(self.engine, self.state, self.ctx)
+        self.evaluated_at = self.state.step
         self.tracker.log_metrics({f"val/{k}": v for k, v in self.state.evaluation.items()}, step=self.state.step)
 
     def _log_step(self, out: StepOutput, step_s: float, wait_s: float) -> None:
@@ -360,28 +303,17 @@ class _Loop:
             metrics["train/model_tflops_per_gpu"] = out.flops / step_s / 1e12
         self.tracker.log_metrics(metrics, step=self.state.step)
 
-    def _log_epoch(self, shard, waited: float, seconds: float) -> None:
+    def _log_epoch(self, waited: float, seconds: float) -> None:
         """Data-wait over the epoch, as this loop timed it and as Ray Data's iterator counts it."""
         if self.ctx.rank != 0:
             return
-        total = ray_data_blocked_seconds(shard.stats())
+        total = ray_data_blocked_seconds(self.shard.stats())
         metrics = {"data/wait_fraction": waited / seconds if seconds else 0.0}
         if total is not None:
             # the iterator's stats add up over every epoch of this shard: this epoch's share is the difference
             blocked, self._blocked_total = total - self._blocked_total, total
             metrics["data/iterator_blocked_fraction"] = blocked / seconds if seconds else 0.0
         self.tracker.log_metrics(metrics, step=self.state.step)
-
-
-_BLOCKED = re.compile(r"user thread is blocked by Ray Data iter_batches: ([\d.]+)(us|ms|s)\b")
-
-
-def ray_data_blocked_seconds(stats: str) -> float | None:
-    """'Total time user thread is blocked by Ray Data iter_batches: 1.2s' from `DataIterator.stats()`."""
-    match = _BLOCKED.search(stats or "")
-    if not match:
-        return None
-    return float(match.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[match.group(2)]
 
 
 def _train_worker(task: TrainTask, plan: TrainPlan) -> WorkerOutcome:
@@ -431,7 +363,7 @@ def fit(task: TrainTask, plan: TrainPlan, datasets: dict[str, Any], storage: str
     result = trainer.fit()
     if result.checkpoint is None or result.return_value is None:
         raise RuntimeError(f"training run {plan.run_name} did not finish: {result.error}")
-    return FitResult(checkpoint=result.checkpoint, state=read_state(result.checkpoint), outcome=result.return_value)
+    return FitResult(checkpoint=result.checkpoint, state=Checkpoint.read_state(result.checkpoint), outcome=result.return_value)
 
 
 def finished_run(plan: TrainPlan, storage: str) -> FitResult | None:
@@ -444,13 +376,65 @@ def finished_run(plan: TrainPlan, storage: str) -> FitResult | None:
         return None
     if result.checkpoint is None:
         return None
-    state = read_state(result.checkpoint)
+    state = Checkpoint.read_state(result.checkpoint)
     if not state.finished or state.step < plan.total_steps:
         return None
     return FitResult(checkpoint=result.checkpoint, state=state, outcome=WorkerOutcome(resumed_from_step=state.step))
 
 
-def read_state(checkpoint) -> TrainState:
-    """A checkpoint's TrainState, read straight from storage (not the whole checkpoint)."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{TRAIN_STATE}") as f:
-        return TrainState.from_json(f.read().decode())
+# ----------------------------------------------------------------- the finish step
+LINEAGE_FILE = "llm2clip_lineage.json"  # beside a saved model's weights
+
+
+@dataclass
+class Trained:
+    """A finished run and its published model."""
+
+    fit: FitResult
+    model_path: str  # the saved model on storage
+    model_version: str | None  # its own version, when it has one (a text encoder's encoder_version)
+    model_uri: str | None  # runs:/RUN/ARTIFACT while MLflow tracks the run
+
+
+def train(task: TrainTask, plan: TrainPlan, datasets: dict[str, Any], storage: str, artifact: str, lineage: ModelLineage) -> Trained:
+    """Fit `plan.run_name` (or find it finished) and publish its model as `artifact` ("model",
+    "encoder"): on storage, and in the MLflow run of the plan."""
+    fitted = fit(task, plan, datasets, storage)
+    dest = f"{storage.rstrip('/')}/{plan.run_name}/outputs/{artifact}-step{fitted.state.step}"
+    lineage_json = json.dumps(replace(lineage, steps=fitted.state.step).to_json(), indent=2)
+    resources = {"num_cpus": plan.trainer.cpus_per_worker, "num_gpus": 1 if plan.trainer.use_gpu else 0}
+    path, version = ray.get(_save_model.options(**resources).remote(task, fitted.checkpoint, dest, artifact, lineage_json, plan.tracking_uri,
+                                                                   plan.mlflow_run_id))
+    return Trained(fitted, path, version, f"runs:/{plan.mlflow_run_id}/{artifact}" if plan.tracking_uri else None)
+
+
+@ray.remote
+def _save_model(task: TrainTask, stored, dest: str, artifact: str, lineage_json: str, tracking_uri: str | None,
+                run_id: str | None) -> tuple[str, str | None]:
+    from pipeline.stages.tracking import Tracker
+
+    weights = Checkpoint.read_weights(stored)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / artifact
+        version = task.save_model(weights, local)
+        (local / LINEAGE_FILE).write_text(lineage_json)
+        Tracker.for_run(tracking_uri, run_id).log_artifact(local, artifact)
+        return publish_dir(local, dest), version
+
+
+def publish_dir(local: str | Path, dest: str) -> str:
+    """Copy a finished local folder to `dest` (a local path or a filesystem URI) and return
+    `dest`. Locally the folder appears at once, by rename, or not at all."""
+    if is_remote_uri(dest):
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem())
+        return dest
+    target = Path(dest.removeprefix("file://"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(local, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return str(target)
