@@ -392,8 +392,11 @@ def _closer(tracking_uri: str | None, parent_run_id: str | None, name: str, metr
 
 def _row(result, metric: str, max_t: int, tracker: Tracker, name: str) -> TrialRow:
     """A Tune result as a TrialRow."""
-    trial_id = Path(result.path).name if result.path else "?"  # trial folders are named by `_trial_dirname`
     metrics = result.metrics or {}
+    # Tune names a trial's folder by its id (`_trial_dirname`), but a resumed sweep gives a trial
+    # whose folder the killed run had already made a new one (`<id>_<suffix>`): the id its results
+    # carry is the one its MLflow run and Train run are named by.
+    trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
     epochs = int(metrics.get("training_iteration", 0))
     value = metrics.get(metric)
     return TrialRow(trial_id=trial_id, params=dict(result.config or {}), metric=None if value is None else float(value), epochs=epochs,
