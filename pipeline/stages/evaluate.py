@@ -221,7 +221,7 @@ def run_evaluate(cfg: PipelineConfig, tracker: Tracker) -> EvaluateResult:
     _log_report(tracker, report, files)
     print("\n" + files["results.md"].read_text())
     result = EvaluateResult(str(out_dir), sorted(str(p) for p in files.values()), [m.name for m in report.models],
-                            [s.name for s in report.sets], len(report.problems), time.perf_counter() - start)
+                            [s.name for s in report.sets], len(report.problems), round(time.perf_counter() - start, 1))
     result.tracked_by(tracker)
     return result
 

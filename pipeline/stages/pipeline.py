@@ -285,7 +285,7 @@ def run_pipeline(cfg: PipelineConfig, tracker: Tracker) -> PipelineResult:
         if rows:
             # MLflow's table viewer reads a dot in a column name as a path into the row: cells stay empty
             tracker.log_table({k.replace(".", " "): [r.get(k) for r in rows] for k in rows[0]}, "comparison.json")
-    result.seconds = time.perf_counter() - start
+    result.seconds = round(time.perf_counter() - start, 1)
     _log_lineage(tracker, cfg, result)
     if result.report_markdown:
         print("\n" + result.report_markdown)

@@ -342,7 +342,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker) -> SweepResult:
     for status in ("finished", "stopped_early", "errored"):
         setattr(result, status, sum(r.status == status for r in result.rows))
     _report(cfg, result, tracker)
-    result.seconds = time.perf_counter() - start
+    result.seconds = round(time.perf_counter() - start, 1)
     return result
 
 
