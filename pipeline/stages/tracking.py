@@ -52,11 +52,6 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str, tab: str | None 
     return f"{path}?workflowType={WORKFLOW_TYPE}"
 
 
-def run_id_of(url: str) -> str:
-    """The run id in a run_url (the segment after /runs/, without tab or query)."""
-    return url.split("/runs/", 1)[1].split("?", 1)[0].split("/", 1)[0]
-
-
 class Tracker:
     """Logs to one MLflow run; a disabled tracker (mlflow.enabled: false) does nothing."""
 
