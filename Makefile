@@ -11,7 +11,7 @@ export LLM2CLIP_RUN_DIR := $(abspath $(RUN_DIR))
 MODELS := $(LLM2CLIP_RUN_DIR)/models
 CONFIG ?= configs/local.yaml
 
-.PHONY: venv datasets browser models demo test bench cluster-up cluster-down cluster-status clean clean-runs
+.PHONY: venv datasets browser models demo test bench cluster-up cluster-down cluster-status rig-up rig-down clean clean-runs
 
 venv: $(VENV)/.installed
 
@@ -53,6 +53,21 @@ cluster-down:
 cluster-status:
 	cluster/local.sh status
 
+# The rig of issue 32 (no shared disk, on this machine): an S3-protocol server on loopback (moto,
+# port LLM2CLIP_S3_PORT=9000, buckets s3://mlflow and s3://llm2clip), the local cluster with
+# MLflow's artifacts in s3://mlflow, and a second Ray node (custom resource "node2") in a mount
+# namespace where $(RUN_DIR) is empty. Ray processes get no AWS_*: jobs hand theirs on.
+# A cluster already up keeps its MLflow artifact store: run rig-down (or cluster-down) first.
+rig-up: venv
+	cluster/local.sh storage-up
+	@set -e; source $(LLM2CLIP_RUN_DIR)/s3/s3.env; LLM2CLIP_MLFLOW_ARTIFACTS=s3://mlflow cluster/local.sh up
+	cluster/local.sh node-up
+	@echo "rig: a job's environment: source $(LLM2CLIP_RUN_DIR)/cluster.env; source $(LLM2CLIP_RUN_DIR)/s3/s3.env"
+rig-down:
+	cluster/local.sh node-down
+	cluster/local.sh down
+	cluster/local.sh storage-down
+
 demo: models datasets cluster-up
 	@set -e; source $(LLM2CLIP_RUN_DIR)/cluster.env; \
 	$(PY) -m jobs.pipeline --config $(CONFIG) --summary-json $(LLM2CLIP_RUN_DIR)/pipeline.json; \
@@ -71,6 +86,7 @@ bench: models
 	$(PY) -m bench.recaption
 	$(PY) -m bench.vllm_engine
 	$(PY) -m bench.train_clip
+	$(PY) -m bench.ingest_refresh
 
 clean-runs:
 	cluster/local.sh down || true

@@ -19,6 +19,8 @@ from typing import Any
 
 
 from pipeline.config import PipelineConfig, PostprocessConfig, RecaptionConfig
+from pipeline.model_refs import is_remote_uri
+from pipeline.uri import is_uri, list_files
 from pipeline.versioning import stable_hash
 
 
@@ -44,7 +46,13 @@ _MODEL_FILES = (
 
 def model_fingerprint(ref: str) -> str:
     """Identity of a model without reading its weights: for a local folder, its config and
-    template files plus the names and sizes of its weight files; for a hub id, the id."""
+    template files plus the names and sizes of its weight files; on storage (a URI), the names and
+    sizes of its files; for a hub id or an MLflow URI, the reference."""
+    if is_uri(ref):
+        if not is_remote_uri(ref):
+            return ref
+        files = [f"{f.base_name}:{f.size}" for f in list_files(ref)]
+        return f"{ref.rstrip('/').rsplit('/', 1)[-1]}@{stable_hash(files, 16)}"
     path = Path(ref)
     if not path.is_dir():
         return ref
@@ -78,6 +86,8 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length"
 def model_context_length(ref: str) -> int | None:
     """A local model's own context length, from its config.json (or its text model's); None
     when it cannot be read without loading the model (a hub id, an odd config)."""
+    if is_uri(ref):
+        return None  # read by the engine's actor, which resolves the model where it loads it
     path = Path(ref) / "config.json"
     if not path.is_file():
         return None

@@ -48,11 +48,42 @@ def _absolute(value: str) -> str:
 
 def _absolute_if_path(value: str | None) -> str | None:
     """Model references are hub ids ('org/name') or paths; only paths are made absolute."""
-    if value and (value.startswith((".", "/", "~")) or Path(value).exists()):
+    if value and "://" not in value and (value.startswith((".", "/", "~")) or Path(value).exists()):
         return _absolute(value)
     return value
 
 
+def _pool_size(value: int | tuple[int, int]) -> int | tuple[int, int]:
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError("an actor pool needs at least 1 actor")
+        return value
+    low, high = value
+    if not 1 <= low <= high:
+        raise ValueError(f"an autoscaling pool is [min, max] with 1 <= min <= max, got [{low}, {high}]")
+    return (low, high)
+
+
+def pool_bounds(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(min, max) actors of a pool size: a fixed N is (N, N)."""
+    return (size, size) if isinstance(size, int) else size
+
+
+#: Actors of a pool: a fixed number, or [min, max] for a pool that grows with the cluster it gets
+#: (Ray Data's autoscaling actor pool): a job on 4 GPUs then runs 4 actors, on 8 GPUs 8.
+PoolSize = Annotated[int | tuple[int, int], AfterValidator(_pool_size)]
+#: Custom Ray resources each actor or worker needs besides CPUs and GPUs, e.g. {"node-pool-embed": 1}.
+Resources = dict[str, Annotated[float, Field(gt=0)]]
+
+def _local(value: str) -> str:
+    if "://" in value and not value.startswith("file://"):
+        raise ValueError(f"{value} is a URI: this is a node's own scratch folder, a local path (put shared outputs "
+                         "under storage_uri)")
+    return _absolute(value.removeprefix("file://"))
+
+
+#: A path on this node's own disk (made absolute): never a URI.
+LocalPath = Annotated[str, AfterValidator(_local)]
 #: A local path (made absolute) or a filesystem URI (kept as is).
 PathOrUri = Annotated[str, AfterValidator(_absolute)]
 #: A model reference: a path (made absolute) or a hub id.
@@ -110,8 +141,9 @@ class ImageLimits(Section):
 class IngestConfig(Section):
     source: str = Field(
         "embedded",
-        description="'embedded' (synthetic scenes + sample photos), a folder of images, "
-        "or a listing file (.jsonl, .parquet, .csv) with an image path/URI column and captions",
+        description="'embedded' (synthetic scenes + sample photos), a folder or prefix of images, one image, "
+        "or a listing file (.jsonl, .parquet, .csv) with an image path/URI column and captions; a local path or a "
+        "URI (s3://, gs://, file://)",
     )
     dataset: str = Field("embedded", description="manifest version the images are added to")
     image_column: str = "image"
@@ -150,9 +182,10 @@ class EmbedConfig(Section):
     instruction: str | None = None
     overlong: Literal["truncate", "reject"] = Field("truncate", description="captions longer than max_length")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the hardware has it")
-    actors: int = Field(1, ge=1, description="encoder actors (one model load each)")
+    actors: PoolSize = Field(1, description="encoder actors (one model load each): N, or [min, max] to fit the cluster")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    resources_per_actor: Resources = Field(default_factory=dict, description="custom Ray resources per actor")
     batch_size: int = Field(256, ge=1, description="captions per Ray Data batch; sorted by length inside")
     micro_batch_size: int = Field(32, ge=1, description="captions per forward pass")
     cra_split: Literal["train", "val", "test"] | None = Field(
@@ -213,9 +246,10 @@ class RecaptionConfig(Section):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the hardware has it")
     image_max_side: int = Field(1536, ge=16, description="images are downscaled to this longest side before the processor")
     limit_images: int | None = Field(None, ge=1, description="caption at most this many images (smoke runs)")
-    actors: int = Field(1, ge=1, description="vLLM engines (one model load each)")
+    actors: PoolSize = Field(1, description="vLLM engines (one model load each): N, or [min, max] to fit the cluster")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    resources_per_actor: Resources = Field(default_factory=dict, description="custom Ray resources per actor")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (gpus_per_actor should match)")
     engine_env: dict[str, str] = Field(
         default_factory=dict, description="environment of each engine's process, e.g. VLLM_CPU_NUM_OF_RESERVED_CPU",
@@ -317,14 +351,14 @@ class TrainerSettings(Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
     use_gpu: bool = Field(False, description="one GPU per worker; NCCL instead of gloo")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (Ray Data's decoding uses the rest)")
+    resources_per_worker: Resources = Field(default_factory=dict, description="custom Ray resources per worker")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage; a checkpoint resumes under the stage it was written with")
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on storage")
     max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint before the job fails")
     storage_path: PathOrUri | None = Field(
         None, description="where Ray Train persists checkpoints and the stage its outputs: a local path or a pyarrow URI "
-        "(s3://, gs://); default {run_dir}/ray_results. On a multi-node cluster every node must reach it (shared "
-        "filesystem or object store)")
+        "(s3://, gs://); default {storage_uri}/ray_results")
     run_name: str | None = Field(None, description="resume key; default: a hash of the recipe and of the data it trains on")
 
     def settings(self) -> TrainerSettings:
@@ -538,13 +572,14 @@ class EvaluateConfig(Section):
     templates: PathOrUri | None = Field(None, description="zero-shot prompt templates, one per line with {} for the class "
                                         "name; default configs/zeroshot_templates.txt")
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="recall@K cut-offs")
-    actors: int = Field(1, ge=1, description="embedding actors per model (one model load each)")
+    actors: PoolSize = Field(1, description="embedding actors per model (one model load each): N, or [min, max]")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    resources_per_actor: Resources = Field(default_factory=dict, description="custom Ray resources per actor")
     batch_size: int = Field(64, ge=1, description="texts or images per Ray Data batch")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="text encoders: auto is bf16 where the hardware has it")
     heatmap_size: int = Field(12, ge=2, le=64, description="images (and their first captions) in the similarity heatmap")
-    output_dir: PathOrUri | None = Field(None, description="where the report goes; default {run_dir}/evaluate")
+    output_dir: PathOrUri | None = Field(None, description="where the report goes; default {storage_uri}/evaluate")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -628,7 +663,7 @@ class SweepConfig(Section):
     vision_model: ModelRef | None = Field(
         None, description="cheap mode: the frozen tower whose features trials train on: a vision backbone, or a trained "
         "LLM2CLIP model (path or MLflow URI of a train-clip output: its tower); default train_clip.vision_model")
-    feature_actors: int = Field(1, ge=1, description="cheap mode: actors computing the frozen tower's image features")
+    feature_actors: PoolSize = Field(1, description="cheap mode: actors computing the frozen tower's image features")
     feature_batch_size: int = Field(64, ge=1, description="cheap mode: images per feature batch")
 
     @field_validator("space")
@@ -667,7 +702,11 @@ class PipelineJobConfig(Section):
 
 
 class PipelineConfig(Section):
-    run_dir: PathOrUri = Field(description="project-local folder for runs, logs and prepared models")
+    run_dir: LocalPath = Field(description="node-local scratch (caches, logs): a local path; it may be empty on every node")
+    storage_uri: PathOrUri | None = Field(
+        None, description="shared storage that every node reaches (s3://bucket/prefix, gs://...): training checkpoints, "
+        "evaluation reports and set listings, sweeps, the rendered embedded dataset; default run_dir, which is right "
+        "on one machine only")
     store: StoreConfig
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -683,6 +722,11 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     pipeline: PipelineJobConfig = Field(default_factory=PipelineJobConfig)
+
+    @property
+    def storage(self) -> str:
+        """Where a run's shared outputs go (`storage_uri`, else `run_dir` on one machine)."""
+        return self.storage_uri or self.run_dir
 
     @model_validator(mode="after")
     def _sweep_values(self) -> PipelineConfig:
@@ -771,11 +815,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | list[tuple[str,
 
 def load_config(path: str | Path, overrides: list[str] | None = None, model: type[BaseModel] = PipelineConfig):
     """Load, expand, override and validate a config file."""
-    path = Path(path)
-    if not path.is_file():
+    from pipeline import uri  # a config may sit on storage too (a sweep's best config)
+
+    if not uri.is_file(str(path)):
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = _expand_tree(yaml.safe_load(path.read_text()) or {})
+        data = _expand_tree(yaml.safe_load(uri.read_text(str(path))) or {})
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):

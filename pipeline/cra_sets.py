@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipeline import uri
 from pipeline.caption_pairs import PROTOCOLS, caption_pairs
 
 BUILTIN_SETS = ("everyday-pairs", "long-captions", "scenes")
@@ -45,11 +46,15 @@ def builtin_pairs(name: str) -> Pairs:
 
 
 def file_pairs(path: str | Path) -> Pairs:
-    """Pairs from a .jsonl/.json, .csv or .parquet file with columns `first` and `second`."""
+    """Pairs from a .jsonl/.json, .csv or .parquet file (a local path or a URI) with columns `first`
+    and `second`. A file that cannot be read is a one-line ValueError naming it."""
     from pipeline.eval_sets import read_records
 
-    path = Path(path)
-    records = read_records(path)
+    path = str(path)
+    try:
+        records = read_records(path)
+    except OSError as e:  # uri.LocationError: a missing file or bucket, a refused request
+        raise ValueError(f"CRA set: {e}") from None
     missing = [c for c in ("first", "second") if not any(c in r for r in records)]
     if missing:
         raise ValueError(f"CRA set {path}: missing column(s) {missing} (need `first` and `second`)")
@@ -61,10 +66,10 @@ def file_pairs(path: str | Path) -> Pairs:
 
 
 def named_pairs(entry: str) -> tuple[str, Pairs]:
-    """(set name, pairs) of a config entry: a built-in name or a file path (named by its stem)."""
+    """(set name, pairs) of a config entry: a built-in name or a file path or URI (named by its stem)."""
     if entry in BUILTIN_SETS:
         return entry, builtin_pairs(entry)
-    return Path(entry).stem, file_pairs(entry)
+    return Path(uri.name(entry)).stem, file_pairs(entry)  # the file name only: never a Path of a URI
 
 
 def dataset_pairs(manifest: pa.Table, captions: pa.Table, split: str | None) -> dict[str, Pairs]:

@@ -6,6 +6,11 @@ Each adapter writes a listing that `pipeline.listing.read_listing` reads (`inges
 `EvalSetListing.problems` as `missing_file` and left out. A file that exists but is corrupt
 stays in (ingest rejects it with its reason). A malformed input file raises `ValueError`
 naming the file and what is missing.
+
+Every input (source, image_root, class_names) is a local path or a filesystem URI (s3://, gs://,
+file://) read through `pipeline.uri`; a missing one is a one-line `ValueError` or
+`uri.LocationError` (an OSError) naming it. The listing (and Fashion-MNIST's PNGs) is written to a
+LOCAL path: the caller publishes it to storage.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
+
+from pipeline import uri
 
 OUT_SCHEMA = pa.schema([("image", pa.string()), ("captions", pa.list_(pa.string())),
                         ("dense_captions", pa.list_(pa.string())), ("split", pa.string()), ("metadata", pa.string())])
@@ -51,11 +59,12 @@ def _check_split(split: str) -> str:
     return split
 
 
-def _base(image_root: str | Path | None, source: Path) -> str | Path:
-    """Where relative image references live: image_root (a folder or a URI prefix) or the file's folder."""
+def _base(image_root: str | Path | None, source: str) -> str | Path:
+    """Where relative image references live: image_root (a folder or a URI prefix) or the file's
+    folder. A URI base is a string (references are joined to it), a local one a Path."""
     if image_root is None:
-        return source.resolve().parent
-    return str(image_root).rstrip("/") if "://" in str(image_root) else Path(image_root).expanduser()
+        return Path(uri.local_path(source)).parent if uri.is_local(source) else uri.parent(source)
+    return str(image_root).rstrip("/") if uri.is_uri(image_root) else Path(image_root).expanduser()
 
 
 def _resolve(ref: Any, base: str | Path) -> tuple[str, str | None]:
@@ -63,8 +72,8 @@ def _resolve(ref: Any, base: str | Path) -> tuple[str, str | None]:
     if not isinstance(ref, str) or not ref.strip():
         return str(ref), "no_image"
     ref = ref.strip()
-    if "://" in ref or isinstance(base, str):
-        return (ref if "://" in ref else f"{base}/{ref.lstrip('/')}"), None  # a URI: checked by ingest
+    if uri.is_uri(ref) or isinstance(base, str):
+        return (ref if uri.is_uri(ref) else uri.join(base, ref)), None  # a URI: checked by ingest
     p = Path(ref).expanduser()
     p = (p if p.is_absolute() else base / p).resolve()
     if not p.exists():
@@ -78,10 +87,14 @@ def _texts(value: Any) -> list[str]:
     return [t.strip() for t in items if isinstance(t, str) and t.strip()]
 
 
-def _load_json_object(path: Path, keys: Iterable[str]) -> dict:
+def _load_json_object(path: str, keys: Iterable[str]) -> dict:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        text = uri.read_text(path)
+    except OSError as e:  # one line naming the location: it does not exist, or the request was refused
+        raise ValueError(str(e)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path}: cannot read as JSON ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with keys {list(keys)}, got {type(data).__name__}")
@@ -91,7 +104,7 @@ def _load_json_object(path: Path, keys: Iterable[str]) -> dict:
     return data
 
 
-def _need(entry: Any, key: str, path: Path, where: str) -> Any:
+def _need(entry: Any, key: str, path: str, where: str) -> Any:
     if not isinstance(entry, dict) or key not in entry:
         raise ValueError(f"{path}: {where} has no {key!r} key")
     return entry[key]
@@ -135,7 +148,7 @@ def coco_listing(source: str | Path, out_path: str | Path, *, image_root: str | 
                  split: str = "test") -> EvalSetListing:
     """COCO captions JSON: {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}.
     All captions of an image go into `captions`; images without a caption are reported as `no_caption`."""
-    path = Path(source)
+    path = str(source)
     data = _load_json_object(path, ("images", "annotations"))
     base = _base(image_root, path)
     captions: dict[Any, list[str]] = {}
@@ -157,7 +170,7 @@ def karpathy_listing(source: str | Path, out_path: str | Path, *, image_root: st
     """Karpathy split JSON (dataset_coco.json, dataset_flickr30k.json): {"images": [{"filename",
     "filepath" (optional), "sentences": [{"raw"}], "split"}]}. Keeps the Karpathy `splits` given;
     `restval` becomes `train`. The image is image_root/filepath/filename."""
-    path = Path(source)
+    path = str(source)
     keep = set(splits)
     if not keep or keep - set(KARPATHY_SPLITS):
         raise ValueError(f"splits must be a non-empty subset of {sorted(KARPATHY_SPLITS)}, got {sorted(keep)}")
@@ -169,7 +182,8 @@ def karpathy_listing(source: str | Path, out_path: str | Path, *, image_root: st
         ksplit = _need(img, "split", path, where)
         if ksplit not in keep:
             continue
-        ref = str(Path(img.get("filepath") or "") / _need(img, "filename", path, where))
+        filename = _need(img, "filename", path, where)
+        ref = uri.join(img["filepath"], filename) if img.get("filepath") else filename
         caps = [c for s in _need(img, "sentences", path, where) for c in _texts(s.get("raw") if isinstance(s, dict) else s)]
         meta = {k: img[k] for k in ("cocoid", "imgid") if k in img} | {"karpathy_split": ksplit}
         entries.append((ref, caps, [], KARPATHY_SPLITS[ksplit], meta))
@@ -177,18 +191,20 @@ def karpathy_listing(source: str | Path, out_path: str | Path, *, image_root: st
     return _write(out_path, "karpathy", rows, problems)
 
 
-def read_records(path: Path) -> list[dict]:
-    """Rows of a JSONL (or JSON array) / Parquet / CSV file as dicts."""
-    suffix = path.suffix.lower()
-    if not path.is_file():
-        raise ValueError(f"{path}: file does not exist")
-    if suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
-    if suffix == ".csv":
-        return pacsv.read_csv(path).to_pylist()
-    if suffix not in (".jsonl", ".json"):
+def read_records(path: str | Path) -> list[dict]:
+    """Rows of a JSONL (or JSON array) / Parquet / CSV file (a local path or a URI) as dicts."""
+    path = str(path)
+    suffix = uri.suffix(path)
+    if uri.require(path, "file").type != pafs.FileType.File:
+        raise ValueError(f"{path}: not a file")
+    if suffix not in (".parquet", ".csv", ".jsonl", ".json"):
         raise ValueError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
-    text = path.read_text()
+    data = uri.read_bytes(path)
+    if suffix == ".parquet":
+        return pq.read_table(pa.BufferReader(data)).to_pylist()
+    if suffix == ".csv":
+        return pacsv.read_csv(pa.BufferReader(data)).to_pylist()
+    text = data.decode()
     try:
         records = json.loads(text) if text.lstrip().startswith("[") else [
             json.loads(line) for line in text.splitlines() if line.strip()]
@@ -202,7 +218,7 @@ def read_records(path: Path) -> list[dict]:
 
 def _records_listing(kind: str, source: str | Path, out_path: str | Path, image_column: str,
                      caption_column: str, image_root: str | Path | None, split: str, dense: bool) -> EvalSetListing:
-    path = Path(source)
+    path = str(source)
     records = read_records(path)
     for column in (image_column, caption_column):
         if records and not any(column in r for r in records):
@@ -235,11 +251,11 @@ def long_listing(source: str | Path, out_path: str | Path, *, image_column: str 
     return _records_listing("long", source, out_path, image_column, caption_column, image_root, split, dense=True)
 
 
-def _read_class_names(path: Path, dirs: list[str]) -> list[str]:
-    if path.suffix.lower() == ".json":
+def _read_class_names(path: str, dirs: list[str]) -> list[str]:
+    if uri.suffix(path) == ".json":
         mapping = _load_json_object(path, dirs)
         return [str(mapping[d]) for d in dirs]
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in uri.read_text(path).splitlines() if line.strip()]
     if len(names) != len(dirs):
         raise ValueError(f"{path}: {len(names)} class names for {len(dirs)} class folders (one line per folder, sorted)")
     return names
@@ -248,26 +264,44 @@ def _read_class_names(path: Path, dirs: list[str]) -> list[str]:
 def folder_listing(source: str | Path, out_path: str | Path, *, class_names: str | Path | None = None,
                    split: str = "test") -> EvalSetListing:
     """ImageNet-style tree root/<class_dir>/<images>. Labels follow sorted dir order; names come from
-    `class_names` (text: one line per dir; JSON: {dir: name}) or are the dir names with '_' -> ' '."""
-    root = Path(source).resolve()
-    if not root.is_dir():
-        raise ValueError(f"{root}: not a folder of class folders")
-    dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    `class_names` (text: one line per dir; JSON: {dir: name}) or are the dir names with '_' -> ' '.
+    The tree may be a local folder or a URI prefix (its images are then listed as URIs)."""
+    images = _class_images(str(source))
+    dirs = sorted(images)
     if not dirs:
-        raise ValueError(f"{root}: no class folders (expected root/<class_dir>/<image files>)")
-    names = _read_class_names(Path(class_names), dirs) if class_names else [d.replace("_", " ") for d in dirs]
+        raise ValueError(f"{source}: no class folders (expected root/<class_dir>/<image files>)")
+    names = _read_class_names(str(class_names), dirs) if class_names else [d.replace("_", " ") for d in dirs]
     split = _check_split(split)
-    rows = []
-    for label, (d, name) in enumerate(zip(dirs, names)):
-        for p in sorted((root / d).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
-                rows.append(_row(str(p), [name], [], split, {"label": label, "class_name": name}))
+    rows = [_row(image, [name], [], split, {"label": label, "class_name": name})
+            for label, (d, name) in enumerate(zip(dirs, names)) for image in images[d]]
     return _write(out_path, "folder", rows, [], class_names=names)
 
 
+def _class_images(source: str) -> dict[str, list[str]]:
+    """{class dir: its image files, sorted} of a tree root/<class_dir>/<images> (hidden names skipped).
+    A local tree keeps class folders without images; a URI prefix has only the folders its objects name."""
+    if uri.is_local(source):
+        root = Path(uri.local_path(source))
+        if not root.is_dir():
+            raise ValueError(f"{root}: not a folder of class folders")
+        return {d.name: [str(p) for p in sorted(d.rglob("*"))
+                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+                for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    if uri.require(source, "folder eval set").type != pafs.FileType.Directory:
+        raise ValueError(f"{source}: not a folder of class folders")
+    prefix = uri.filesystem(source)[1].rstrip("/") + "/"
+    out: dict[str, list[str]] = {}
+    for found in uri.list_files(source):
+        d, sep, _ = found.path[len(prefix):].partition("/")
+        if sep and uri.suffix(found.path) in IMAGE_SUFFIXES:  # files right under the root are no class
+            out.setdefault(d, []).append(uri.uri_of(source, found.path))
+    return out
+
+
 def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (MNIST format, optionally gzipped): 2 zero bytes, type 0x08 (ubyte), ndim, big-endian dims."""
-    raw = Path(path).read_bytes()
+    """An IDX file (MNIST format, optionally gzipped; a local path or a URI): 2 zero bytes, type 0x08
+    (ubyte), ndim, big-endian dims."""
+    raw = uri.read_bytes(str(path))
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
@@ -279,18 +313,19 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=start).reshape(dims)
 
 
-def _find(folder: Path, stem: str) -> Path:
+def _find(folder: str, stem: str) -> str:
     for name in (stem, stem + ".gz"):
-        if (folder / name).is_file():
-            return folder / name
+        if uri.is_file(uri.join(folder, name)):
+            return uri.join(folder, name)
     raise ValueError(f"{folder}: no {stem}[.gz] (install the Debian package dataset-fashion-mnist)")
 
 
 def fashion_mnist_to_folder(out_dir: str | Path, source: str | Path | None = None, *, split: str = "test",
                             limit: int | None = None) -> Path:
     """Fashion-MNIST IDX files (t10k-* for test, train-*) -> out_dir/<NN_class>/<index>.png (RGB) and
-    out_dir/class_names.json ({dir: official name}); earlier PNGs in those dirs are removed. Returns out_dir."""
-    folder = Path(source) if source else FASHION_MNIST_DIR
+    out_dir/class_names.json ({dir: official name}); earlier PNGs in those dirs are removed. Returns out_dir.
+    `source` (the IDX folder) may be a URI prefix; out_dir is a local folder."""
+    folder = str(source or FASHION_MNIST_DIR)
     prefix = {"test": "t10k", "train": "train"}.get(split)
     if prefix is None:
         raise ValueError(f"Fashion-MNIST split must be 'test' or 'train', got {split!r}")
@@ -315,8 +350,8 @@ def fashion_mnist_to_folder(out_dir: str | Path, source: str | Path | None = Non
 
 def fashion_mnist_listing(source: str | Path | None, out_path: str | Path, *, image_dir: str | Path | None = None,
                           split: str = "test", limit: int | None = None) -> EvalSetListing:
-    """Fashion-MNIST (source: folder of IDX files, default the Debian package's) -> PNG tree in
-    image_dir (default: fashion_mnist_<split> beside the listing) -> `folder` listing."""
+    """Fashion-MNIST (source: folder or URI prefix of IDX files, default the Debian package's) -> PNG
+    tree in the local image_dir (default: fashion_mnist_<split> beside the listing) -> `folder` listing."""
     image_dir = Path(image_dir) if image_dir else Path(out_path).parent / f"fashion_mnist_{split}"
     root = fashion_mnist_to_folder(image_dir, source, split=split, limit=limit)
     made = folder_listing(root, out_path, class_names=root / "class_names.json", split=split)

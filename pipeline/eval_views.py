@@ -25,6 +25,7 @@ from pipeline.cra_sets import dataset_pairs, named_pairs
 from pipeline.eval_report import Problem
 from pipeline.images import image_id_for, read_uri
 from pipeline.store import Store
+from pipeline.uri import is_file, read_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEMPLATES = REPO / "configs" / "zeroshot_templates.txt"
@@ -176,11 +177,16 @@ def listed_rows(manifest: pa.Table, uris: list[str], rejected: set[str]) -> list
 
 
 def read_templates(path: str | Path | None) -> list[str]:
-    """Zero-shot prompt templates, one per line with one `{}` for the class name (`#` comments)."""
-    path = Path(path) if path else DEFAULT_TEMPLATES
-    if not path.is_file():
-        raise ValueError(f"evaluate.templates: {path} does not exist")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    """Zero-shot prompt templates, one per line with one `{}` for the class name (`#` comments).
+    `path` is a local path or a URI."""
+    path = str(path or DEFAULT_TEMPLATES)
+    try:
+        if not is_file(path):
+            raise ValueError(f"evaluate.templates: {path} does not exist")
+        text = read_text(path)
+    except OSError as e:  # LocationError: a missing bucket, a refused request
+        raise ValueError(f"evaluate.templates: {e}") from None
+    lines = [line.strip() for line in text.splitlines()]
     templates = [t for t in lines if t and not t.startswith("#")]
     bad = [t for t in templates if t.count("{}") != 1]
     if not templates or bad:

@@ -31,8 +31,11 @@ class TrainableEncoder(nn.Module):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
-        lm = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+        from pipeline.model_refs import local_path
+
+        local = local_path(base_path)  # a storage or MLflow URI: into this node's model cache
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
         lora = cfg.lora
         self.peft = get_peft_model(
             lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, bias="none")

@@ -63,10 +63,9 @@ def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
     """Bytes of a local path or pyarrow filesystem URI; FileNotFoundError if absent."""
     import pyarrow.fs as pafs
 
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    else:
-        fs, path = pafs.LocalFileSystem(), uri
+    from pipeline.uri import filesystem
+
+    fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(uri)

@@ -48,22 +48,71 @@ def registry_source(ref: str, tracking_uri: str | None) -> str:
     return f"{source.rstrip('/')}/{rest}" if rest else source
 
 
+def cache_dir() -> str:
+    """This node's model cache: LLM2CLIP_MODEL_CACHE, else {LLM2CLIP_RUN_DIR}/model-cache (the
+    node's scratch), else the temp folder. Never shared between nodes."""
+    explicit = os.environ.get("LLM2CLIP_MODEL_CACHE")
+    if explicit:
+        return explicit
+    scratch = os.environ.get("LLM2CLIP_RUN_DIR") or tempfile.gettempdir()
+    return os.path.join(scratch, "model-cache")
+
+
 def local_path(ref: str | Path, tracking_uri: str | None = None) -> str:
-    """A local folder holding the referenced model (downloaded into a fresh temporary
-    folder when it lives in MLflow or on remote storage), or the hub id as it is."""
+    """A local folder holding the referenced model, or the hub id as it is. A model in MLflow or
+    on remote storage is downloaded, once per node, into this node's cache under a key of its
+    content: a registered version's (immutable) source, or the names, sizes and mtimes of the
+    files under a storage prefix. Call it where the model is loaded (in the actor or worker):
+    a path resolved on one node means nothing on another."""
     ref = str(ref)
     if is_mlflow_uri(ref):
-        import mlflow.artifacts
-
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        return mlflow.artifacts.download_artifacts(artifact_uri=registry_source(ref, uri), tracking_uri=uri,
-                                                   dst_path=tempfile.mkdtemp(prefix="llm2clip-model-"))
+        source = registry_source(ref, uri)
+        return _cached(f"mlflow:{source}", lambda dest: _download_mlflow(source, uri, dest))
     if ref.startswith("file://"):
         return ref[len("file://"):]
     if is_remote_uri(ref):
-        import pyarrow.fs as pafs
+        from pipeline import uri as locations
 
-        dest = tempfile.mkdtemp(prefix="llm2clip-model-")
-        pafs.copy_files(ref, dest, destination_filesystem=pafs.LocalFileSystem())
-        return dest
+        files = [(f.path, f.size, f.mtime_ns) for f in locations.list_files(ref)]
+        if not files:
+            raise locations.LocationError(f"model {ref}: no files there")
+        return _cached(f"{ref}:{files}", lambda dest: locations.download_dir(ref, dest))
     return ref
+
+
+def _download_mlflow(source: str, tracking_uri: str | None, dest: str) -> None:
+    import mlflow.artifacts
+
+    mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri, dst_path=dest)
+
+
+def _cached(identity: str, download) -> str:
+    """The cache folder for `identity`, downloaded into a private folder first and renamed into
+    place, so concurrent loaders on one node never see half a model."""
+    import hashlib
+    import shutil
+
+    root = cache_dir()
+    target = os.path.join(root, hashlib.sha256(identity.encode()).hexdigest()[:24])
+    if os.path.isdir(target):
+        return _single_child(target)
+    os.makedirs(root, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".download-", dir=root)
+    try:
+        download(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another loader on this node finished first: theirs is the same content
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _single_child(target)
+
+
+def _single_child(folder: str) -> str:
+    """MLflow downloads `model/` into the destination: the model is that folder."""
+    entries = [e for e in os.listdir(folder) if not e.startswith(".")]
+    if len(entries) == 1 and os.path.isdir(os.path.join(folder, entries[0])):
+        return os.path.join(folder, entries[0])
+    return folder

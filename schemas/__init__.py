@@ -89,6 +89,19 @@ REJECTS = pa.schema(
     ]
 )
 
+SOURCES = pa.schema(
+    [
+        _field("uri", pa.string(), "a listed image's location, as the listing resolved it"),
+        _field("size", pa.int64(), "its size in bytes when it was checked"),
+        _field("mtime_ns", pa.int64(), "its modification time when it was checked (ns since the epoch; S3 gives whole seconds)"),
+        _field("checked_with", pa.string(), "'' for an accepted image; for a reject, the hash of the image limits it failed"),
+        _field("outcome", pa.string(), "accepted (its image_id is in the manifest version) or rejected"),
+        _field("image_id", pa.string(), "the image its bytes are (accepted, duplicate_image)", True),
+        _field("reason", pa.string(), "why it was rejected (the rejects store's reason)", True),
+        _field("checked_at", pa.timestamp("us", tz="UTC"), "when its bytes were read"),
+    ]
+)
+
 #: store name -> schema; the embedding store's list size is checked against its `dim` column.
 STORE_SCHEMAS: dict[str, pa.Schema] = {
     "manifest": IMAGE_MANIFEST,
@@ -96,6 +109,7 @@ STORE_SCHEMAS: dict[str, pa.Schema] = {
     "embeddings": EMBEDDINGS,
     "features": FEATURES,
     "rejects": REJECTS,
+    "sources": SOURCES,
 }
 
 #: store name -> the column that identifies a row (rewrites never duplicate it).
@@ -105,4 +119,6 @@ STORE_KEYS: dict[str, tuple[str, ...]] = {
     "embeddings": ("caption_id",),
     "features": ("image_id",),
     "rejects": ("stage", "record_id", "reason"),
+    # one row per (location, size, mtime) and limits: a refresh skips listed rows whose identity is here, unopened
+    "sources": ("uri", "size", "mtime_ns", "checked_with"),
 }

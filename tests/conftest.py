@@ -17,8 +17,16 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 RUN_DIR = Path(os.environ.get("LLM2CLIP_RUN_DIR", REPO / ".run")).resolve()
 MODELS_DIR = RUN_DIR / "models"
-TEST_RUN_DIR = RUN_DIR / "test"
-PORTS = {"LLM2CLIP_RAY_PORT": "6390", "LLM2CLIP_DASHBOARD_PORT": "8275", "LLM2CLIP_MLFLOW_PORT": "5010", "LLM2CLIP_CLIENT_PORT": "9011", "LLM2CLIP_AGENT_PORT": "52375"}
+TEST_RUN_DIR = Path(os.environ.get("LLM2CLIP_TEST_RUN_DIR", RUN_DIR / "test")).resolve()
+# LLM2CLIP_TEST_PORTS="ray,dashboard,mlflow,client,agent" gives a second test session its own cluster.
+PORTS = dict(zip(("LLM2CLIP_RAY_PORT", "LLM2CLIP_DASHBOARD_PORT", "LLM2CLIP_MLFLOW_PORT", "LLM2CLIP_CLIENT_PORT", "LLM2CLIP_AGENT_PORT"),
+                 os.environ.get("LLM2CLIP_TEST_PORTS", "6390,8275,5010,9011,52375").split(",")))
+# The rig (tests/rig.py): the S3 server's port (LLM2CLIP_TEST_S3_PORT, by default as far from 9320
+# as the Ray port is from 6390, so a session with its own ports has its own server too), the
+# bucket of MLflow's artifacts, and the second node's folder (outside every hidden path).
+S3_PORT = int(os.environ.get("LLM2CLIP_TEST_S3_PORT", 9320 + int(PORTS["LLM2CLIP_RAY_PORT"]) - 6390))
+MLFLOW_BUCKET = "mlflow"
+NODE_DIR = Path(f"/tmp/llm2clip-node2-{PORTS['LLM2CLIP_RAY_PORT']}")
 
 # Image-mode recaption with the tiny random Idefics3: its random words are kept (loose
 # rules), the point is the plumbing: bytes -> actor -> processor -> vLLM -> store.
@@ -43,25 +51,43 @@ def models() -> dict[str, Path]:
     return prepare(MODELS_DIR, tiny=True)
 
 
-def _cluster_cmd(action: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **PORTS, "LLM2CLIP_RUN_DIR": str(TEST_RUN_DIR)}
+def _cluster_cmd(action: str, **extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **PORTS, "LLM2CLIP_RUN_DIR": str(TEST_RUN_DIR), **extra}
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     return subprocess.run([str(REPO / "cluster/local.sh"), action], env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="session")
-def cluster():
-    """The local cluster (Ray head + MLflow server); started here, stopped at the end if we started it."""
+def s3():
+    """The rig's S3-protocol server on loopback (tests/rig.py `S3Server`): `.env` (AWS_* to hand
+    a job), `.bucket(name)`, `.keys(bucket, prefix)`, `.client()`, `.endpoint`. Started here
+    (stopped at the end) unless one answers on S3_PORT already."""
+    from tests.rig import start_s3
+
+    server = start_s3(S3_PORT, TEST_RUN_DIR / "s3" / f"moto-{S3_PORT}.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(s3):
+    """The local cluster (Ray head + MLflow server, its artifacts in the rig's bucket s3://mlflow);
+    started here, stopped at the end if we started it. Its Ray processes have no AWS_*."""
     started = _cluster_cmd("status").returncode != 0
+    s3.bucket(MLFLOW_BUCKET)  # also when a kept cluster outlived the (in-memory) S3 server
     if started:
-        up = _cluster_cmd("up")
+        # The MLflow server alone gets the storage settings: clients reach artifacts through it.
+        up = _cluster_cmd("up", **s3.env, LLM2CLIP_MLFLOW_ARTIFACTS=f"s3://{MLFLOW_BUCKET}")
         assert up.returncode == 0, up.stdout + up.stderr
     env_file = TEST_RUN_DIR / "cluster.env"
     from pipeline.stages.runtime import read_cluster_env
 
     env = read_cluster_env(str(TEST_RUN_DIR))
     assert env, f"cluster/local.sh wrote no {env_file}"
+    # The tests are clients of the rig's storage, as a user's shell is: the jobs they start get
+    # these settings, and hand them to their workers (runtime_env), whose nodes have none.
+    os.environ.update(s3.env)
     yield env
     import ray
 
@@ -82,6 +108,23 @@ def ray_session(cluster):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def second_node(cluster, ray_session):
+    """A second Ray node (tests/rig.py `SecondNode`), for the module that asks for it only, so no
+    other test's work lands there. No disk shared with the head: TEST_RUN_DIR, the repository's
+    .run/ and RUN_DIR are empty there. API: `.resource` ("node2": resources={"node2": 1} places
+    work there), `.node_id()`, `.alive()`, `.kill_raylet()`, `.wait_dead()`, `.start()` (after a
+    kill), `.restart()`, `.scratch` (its processes' LLM2CLIP_RUN_DIR), `.dir`, `.hidden`."""
+    from tests.rig import SecondNode
+
+    hidden = list(dict.fromkeys([TEST_RUN_DIR, REPO / ".run", RUN_DIR]))
+    extra = {"LLM2CLIP_NODE_DIR": str(NODE_DIR), "LLM2CLIP_NODE_HIDE": " ".join(map(str, hidden))}
+    node = SecondNode(lambda action: _cluster_cmd(action, **extra), NODE_DIR, hidden)
+    node.start()
+    yield node
+    node.stop()
 
 
 def job_env(cluster: dict[str, str]) -> dict[str, str]:
@@ -130,7 +173,9 @@ def connect_here(cluster: dict[str, str] | None = None) -> None:
     env = cluster or read_cluster_env(str(TEST_RUN_DIR))
     assert env, "the test cluster is not up: use the cluster fixture"
     use_cluster_env(env)
-    ray.init(address=env["RAY_ADDRESS"], namespace="llm2clip-tests", log_to_driver=False)
+    from pipeline.stages.runtime import worker_runtime_env
+
+    ray.init(address=env["RAY_ADDRESS"], namespace="llm2clip-tests", log_to_driver=False, runtime_env=worker_runtime_env())
 
 
 def run_job_here(module: str, config: Path, cluster: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
@@ -221,15 +266,20 @@ def job_output(proc: subprocess.Popen, chars: int = 4000) -> str:
     return proc.log_path.read_text(errors="replace")[-chars:]
 
 
-def registered_step(results: Path, run_prefix: str) -> int:
-    """The step of the latest checkpoint Ray Train has registered (its snapshot on storage):
-    files on disk alone do not count until every rank's report was collected."""
+def registered_step(results: str | Path, run_prefix: str) -> int:
+    """The step of the latest checkpoint Ray Train has registered (its snapshot on storage, a
+    local folder or a URI): files alone do not count until every rank's report was collected."""
     import json
 
+    from pipeline import uri
+
     best = 0
-    for snapshot in results.glob(f"{run_prefix}*/checkpoint_manager_snapshot.json"):
+    for found in uri.list_files(str(results)):
+        relative = found.path.rsplit("/", 2)[-2:]
+        if len(relative) < 2 or relative[1] != "checkpoint_manager_snapshot.json" or not relative[0].startswith(run_prefix):
+            continue
         try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            latest = json.loads(uri.read_text(uri.uri_of(str(results), found.path))).get("latest_checkpoint_result") or {}
             best = max(best, int(latest.get("metrics", {}).get("step", 0)))
         except (OSError, ValueError):
             pass
@@ -247,7 +297,7 @@ def crash_job(module: str, config: Path, cluster: dict[str, str], points: list[s
     return job_output(proc)
 
 
-def wait_for_checkpoint(results: Path, run_prefix: str, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:
+def wait_for_checkpoint(results: str | Path, run_prefix: str, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:
     return wait_until(lambda: (step := registered_step(results, run_prefix)) >= at_least and step, timeout,
                       f"no checkpoint of step {at_least} or later was registered", proc)
 

@@ -5,7 +5,9 @@ job commands in runbook.md. Pure YAML/text checks, no cluster and no Ray import.
 They pin what a typo would only reveal on a cluster: an entrypoint naming a job or config that does
 not exist, a job without a RayJob, two image tags or a Ray version other than pyproject's pin, a
 cluster or job without token auth, a dashboard or MLflow exposed beyond the cluster network, MLflow
-without authentication, and storage paths that differ between the pods that share them.
+without authentication, storage locations that differ between the pods that share them or a disk
+shared between nodes (only the bucket and MLflow are shared), an image that is not pinned, and a
+job whose demand (the config it runs, with its --set overrides) the cluster it gets cannot hold.
 (tests/test_kuberay_manifests.py covers the scheduled refresh's RayJob and CronJob in depth.)
 """
 
@@ -16,10 +18,15 @@ import json
 import re
 import shlex
 import tomllib
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+
+from pipeline.config import PIPELINE_STAGES as CONFIG_STAGES
+from pipeline.config import PipelineConfig, load_config, pool_bounds
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -41,7 +48,8 @@ JOB_FLAGS = {job: set(COMMON_FLAGS) for job in EXPECTED_JOBS}
 JOB_FLAGS["refresh"] |= {"--status"}
 JOB_FLAGS["pipeline"] |= {"--from", "--until", "--dry-run"}
 RAY_CONTAINER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "LLM2CLIP_STORE_URI",
-                     "LLM2CLIP_LISTING", "LLM2CLIP_RUN_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                     "LLM2CLIP_STORAGE_URI", "LLM2CLIP_MODELS_URI", "LLM2CLIP_LISTING", "LLM2CLIP_RUN_DIR", "HF_HOME",
+                     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 # ---------------------------------------------------------------- helpers
@@ -350,6 +358,8 @@ def test_images_are_one_tag_carrying_the_pinned_ray(raycluster, launcher):
     assert launcher["docker"]["image"] == image, "the launcher's nodes must run the KubeRay image"
     tag = image.rsplit("/", 1)[-1].partition(":")[2]
     assert version_re(pin).search(tag), f"image {image} does not carry Ray {pin} in its tag"
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert tag.startswith(f"{version}-"), f"image {image}: the tag starts with the project version {version} (a release, a tag)"
     assert raycluster["spec"]["rayVersion"] == pin
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     base = re.search(r"^FROM\s+(\S+)", dockerfile, re.M).group(1)
@@ -357,6 +367,47 @@ def test_images_are_one_tag_carrying_the_pinned_ray(raycluster, launcher):
     assert f"ray.__version__ != '{pin}'" in dockerfile, "the image build checks Ray's version"
     assert any(f"ray.__version__ != '{pin}'" in c for c in launcher["setup_commands"]), "the launcher checks the node's Ray"
     assert "-t " + image in dockerfile, "the Dockerfile's build command names the manifests' image"
+
+
+def image_references() -> list[tuple[Path, str]]:
+    """(file, image) for every image named under cluster/: any `image` / `*_image` key in the YAML
+    (pod containers and initContainers, the launcher's docker section) and the Dockerfile's FROM."""
+    found = []
+
+    def walk(path: Path, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if (k == "image" or k.endswith("_image")) and isinstance(v, str):
+                    found.append((path, v))
+                else:
+                    walk(path, v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(path, v)
+
+    for path in yaml_files():
+        for doc in load(path):
+            walk(path, doc)
+    for path in CLUSTER.rglob("Dockerfile*"):
+        found += [(path, m.group(1)) for m in re.finditer(r"^FROM\s+(\S+)", path.read_text(), re.M)]
+    return found
+
+
+def test_every_image_is_pinned():
+    """By digest, or by an exact version tag that its file documents as pinned: never :latest, never
+    untagged (both move under a running cluster, and `bitnami/kubectl:latest` stopped existing)."""
+    refs = image_references()
+    assert len({p for p, _ in refs}) >= 4, refs
+    for path, image in refs:
+        where = f"{path.relative_to(REPO)}: {image}"
+        name, _, digest = image.partition("@")
+        if digest:
+            assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), where
+            continue
+        tag = name.rsplit("/", 1)[-1].partition(":")[2]
+        assert tag, f"{where}: untagged (means :latest)"
+        assert tag != "latest" and re.search(r"\d+\.\d+", tag), f"{where}: not an exact version tag"
+        assert re.search(r"#[^\n]*\bpinned\b", path.read_text(), re.I), f"{where}: say in a comment that the tag is pinned"
 
 
 def test_nothing_is_exposed_beyond_the_cluster_network():
@@ -374,6 +425,223 @@ def test_nothing_is_exposed_beyond_the_cluster_network():
         assert not pod.get("hostNetwork"), where
         for c in pod["containers"]:
             assert not any("hostPort" in p for p in c.get("ports", [])), f"{where}: hostPort"
+
+
+# ---------------------------------------------------------------- scheduling: every job fits the cluster it gets
+# For every manifest that runs Ray work, the config its job loads (with the manifest's --set
+# overrides) must be schedulable on the nodes the manifest declares at their largest: otherwise
+# the job waits for resources that never come, until its deadline (issue 32: a refresh cluster
+# of 4 GPUs and fixed pools of 8 one-GPU actors). Pools are checked at their minimum size: an
+# autoscaling pool [min, max] starts with min actors and grows only as far as the cluster allows.
+
+#: Kinds that start no Ray work, so there is nothing of theirs to place.
+NO_RAY_WORK = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Deployment", "Service",
+               "NetworkPolicy", "ConfigMap", "Secret"}
+#: The stages of each single-stage job (jobs.refresh and jobs.pipeline: `job_stages`).
+SINGLE_STAGE_JOBS = {"ingest": "ingest", "recaption": "recaption", "embed": "embed", "corpus": "corpus",
+                     "finetune_text": "finetune-text", "train_clip": "train-clip", "evaluate": "evaluate", "sweep": "sweep"}
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """Nodes of one shape: the Ray resources each offers, and how many there can be at once."""
+
+    name: str
+    count: int
+    resources: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Demand:
+    """`count` bundles of Ray resources that a stage holds at the same time."""
+
+    what: str
+    count: int
+    bundle: dict[str, float]
+
+
+def cpu_quantity(value: str | int | float) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def ray_node_groups(cluster_spec: dict) -> list[NodeGroup]:
+    """The nodes of a RayCluster spec as KubeRay starts Ray on them: CPUs and GPUs from the Ray
+    container's limits unless rayStartParams sets num-cpus / num-gpus, custom resources from
+    rayStartParams.resources; workers up to maxReplicas."""
+    groups = [("head", 1, cluster_spec["headGroupSpec"])]
+    groups += [(g["groupName"], g["maxReplicas"], g) for g in cluster_spec.get("workerGroupSpecs", [])]
+    out = []
+    for name, count, group in groups:
+        container = group["template"]["spec"]["containers"][0]  # KubeRay runs Ray in the first container
+        limits = container.get("resources", {}).get("limits", {})
+        params = group.get("rayStartParams") or {}
+        resources = {"CPU": float(params.get("num-cpus", cpu_quantity(limits.get("cpu", 0)))),
+                     "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+        if "resources" in params:  # KubeRay's format: a JSON object inside a quoted string, '"{\\"name\\": 1}"'
+            resources |= json.loads(params["resources"].strip().strip("'\"").replace('\\"', '"'))
+        out.append(NodeGroup(name, count, resources))
+    return out
+
+
+def launcher_node_groups(launcher: dict) -> list[NodeGroup]:
+    head = launcher["head_node_type"]
+    return [NodeGroup(name, 1 if name == head else min(node["max_workers"], launcher["max_workers"]),
+                      {k: float(v) for k, v in node["resources"].items()})
+            for name, node in launcher["available_node_types"].items()]
+
+
+def bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in {"CPU": cpus, "GPU": gpus, **custom}.items() if v}
+
+
+def actor_pool(what: str, section) -> Demand:
+    low, _ = pool_bounds(section.actors)
+    return Demand(f"{what} actor", low, bundle(section.cpus_per_actor, section.gpus_per_actor, section.resources_per_actor))
+
+
+def train_workers(what: str, t) -> Demand:
+    return Demand(f"{what} worker", t.num_workers, bundle(t.cpus_per_worker, 1 if t.use_gpu else 0, t.resources_per_worker))
+
+
+#: Ray Data reading and decoding images beside a stage's workers (ingest; train-clip's per-epoch stream).
+DATA_TASK = Demand("Ray Data read task", 1, {"CPU": 1.0})
+
+
+def stage_steps(cfg: PipelineConfig, stage: str) -> list[list[Demand]]:
+    """What a stage holds at once, per step (its steps run one after the other). Recaption reads
+    images in zero-CPU tasks and embed materialises its input before its actors start, so
+    neither needs a CPU beside its actors."""
+    if stage == "ingest":
+        return [[DATA_TASK]]
+    if stage in ("recaption", "corpus"):  # corpus: text-mode passes of the recaption engine
+        return [[actor_pool("recaption", cfg.recaption)]]
+    if stage in ("embed", "embed-finetuned"):
+        return [[actor_pool("embed", cfg.embed)]]
+    if stage == "finetune-text":
+        return [[train_workers("finetune_text", cfg.finetune_text)]]
+    if stage == "train-clip":
+        return [[train_workers("train_clip", cfg.train_clip), DATA_TASK]]
+    if stage == "evaluate":
+        return [[actor_pool("evaluate", cfg.evaluate)]]
+    if stage == "sweep":  # pipeline/stages/sweep.py: trial_resources, features.compute_features
+        sw, tc = cfg.sweep, cfg.train_clip
+        workers = sw.workers_per_trial or (1 if sw.mode == "cheap" else tc.num_workers)
+        cpus = sw.cpus_per_trial_worker if sw.mode == "cheap" else tc.cpus_per_worker
+        trial = Demand("sweep trial worker", workers, bundle(cpus, 1 if tc.use_gpu else 0, tc.resources_per_worker))
+        if sw.mode == "cheap":
+            return [[Demand("sweep feature actor", pool_bounds(sw.feature_actors)[0], {"CPU": 1.0})], [trial]]
+        return [[trial, DATA_TASK]]
+    raise AssertionError(f"no demand known for stage {stage}: add it to stage_steps")
+
+
+def job_stages(job: str, cfg: PipelineConfig) -> list[str]:
+    if job == "refresh":  # pipeline/stages/refresh.py
+        return [s for s, on in (("ingest", cfg.refresh.ingest), ("recaption", True), ("embed", cfg.refresh.embed)) if on]
+    if job == "pipeline":  # pipeline/stages/pipeline.py: selected(), and the sweep only when asked
+        first = CONFIG_STAGES.index(cfg.pipeline.from_stage) if cfg.pipeline.from_stage else 0
+        last = CONFIG_STAGES.index(cfg.pipeline.until_stage) if cfg.pipeline.until_stage else len(CONFIG_STAGES) - 1
+        return [s for s in CONFIG_STAGES[first:last + 1] if s != "sweep" or cfg.pipeline.sweep]
+    return [SINGLE_STAGE_JOBS[job]]
+
+
+def job_config(argv: list[str]) -> tuple[str, PipelineConfig]:
+    """(job, config) of `python -m jobs.NAME --config FILE [--set k=v ...] [--from S] [--until S]`,
+    loaded as the job loads it (pipeline.config.load_config applies the --set overrides)."""
+    assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."), argv
+    config, overrides = None, []
+    args = iter(argv[3:])
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in ("--config", "--set", "--from", "--until") and not eq:
+            value = next(args)
+        if flag == "--config":
+            config = value
+        elif flag == "--set":
+            overrides.append(value)
+        elif flag in ("--from", "--until"):
+            overrides.append(f"pipeline.{flag[2:]}_stage={value}")
+    return argv[2].removeprefix("jobs."), load_config(REPO / config, overrides)
+
+
+def unplaced(step: list[Demand], groups: list[NodeGroup]) -> list[str]:
+    """The bundles of `step` that find no node on the cluster at its largest (first fit, largest
+    bundle first; one bundle on one node, as Ray places an actor or a worker): [] if all fit."""
+    nodes = [dict(g.resources) for g in groups for _ in range(g.count)]
+    wanted = sorted(((d.what, d.bundle) for d in step for _ in range(d.count)),
+                    key=lambda w: (-w[1].get("GPU", 0), -w[1].get("CPU", 0)))
+    missing = []
+    for what, need in wanted:
+        node = next((free for free in nodes if all(free.get(k, 0) >= v - 1e-9 for k, v in need.items())), None)
+        if node is None:
+            missing.append(f"{what} {need}")
+            continue
+        for k, v in need.items():
+            node[k] -= v
+    return missing
+
+
+def scheduling_problems(argv: list[str], groups: list[NodeGroup]) -> list[str]:
+    job, cfg = job_config(argv)
+    problems = []
+    for stage in job_stages(job, cfg):
+        for step in stage_steps(cfg, stage):
+            missing = unplaced(step, groups)
+            if missing:
+                wanted = ", ".join(f"{d.count} x {d.what} {d.bundle}" for d in step)
+                nodes = ", ".join(f"{g.count} x {g.name} {g.resources}" for g in groups)
+                left = ", ".join(f"{n} x {w}" for w, n in Counter(missing).items())
+                problems.append(f"jobs.{job} / {stage}: needs {wanted}; the cluster has at most {nodes}; no room for {left}")
+    return problems
+
+
+def scheduling_cases() -> list[tuple[str, list[str], list[NodeGroup]]]:
+    """(where, entrypoint argv, the nodes it gets) for every manifest under cluster/ that runs Ray work."""
+    docs = k8s_docs()
+    clusters = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "RayCluster"}
+
+    def rayjob_case(where: str, doc: dict) -> tuple[str, list[str], list[NodeGroup]]:
+        spec = doc["spec"]
+        cluster = spec.get("rayClusterSpec") or clusters[spec["clusterSelector"]["ray.io/cluster"]]["spec"]
+        return (where, entrypoint_argv(doc), ray_node_groups(cluster))
+
+    cases = []
+    every_job = [entrypoint_argv(d) for _, d in docs if d["kind"] == "RayJob"]
+    for path, doc in docs:
+        kind, where = doc["kind"], str(path.relative_to(CLUSTER))
+        if kind == "RayJob":
+            cases.append(rayjob_case(where, doc))
+        elif kind == "CronJob":  # it creates the RayJob of the file in its ConfigMap (refresh-rayjob.yaml)
+            pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+            files = [i["key"] for v in pod["volumes"] if "configMap" in v for i in v["configMap"]["items"]]
+            for name in files:
+                cases.append(rayjob_case(f"{where} -> {name}", one("RayJob", KUBERAY / name)))
+        elif kind == "RayCluster":  # a long-lived cluster: the jobs that select it (runbook.md submits the same by hand)
+            name = doc["metadata"]["name"]
+            argvs = [entrypoint_argv(d) for _, d in docs
+                     if d["kind"] == "RayJob" and d["spec"].get("clusterSelector", {}).get("ray.io/cluster") == name]
+            cases += [(where, argv, ray_node_groups(doc["spec"])) for argv in argvs]
+        else:  # a RayService (or any new kind that runs Ray) needs its demand added here
+            assert kind in NO_RAY_WORK, f"{where}: {kind} is not covered by the scheduling check"
+    (launcher,) = load(LAUNCHER_FILE)  # runbook.md submits every job's command to it with `ray job submit`
+    cases += [(str(LAUNCHER_FILE.relative_to(CLUSTER)), argv, launcher_node_groups(launcher)) for argv in every_job]
+    return cases
+
+
+@pytest.mark.parametrize("where, argv, groups", [pytest.param(*c, id=f"{c[0]}:{c[1][2]}") for c in scheduling_cases()])
+def test_every_job_fits_the_cluster_its_manifest_declares(where, argv, groups):
+    problems = scheduling_problems(argv, groups)
+    assert not problems, f"{where}: " + "\n".join(problems)
+
+
+def test_the_fit_check_rejects_a_fixed_pool_larger_than_the_cluster():
+    """The refresh cluster (at most 4 one-GPU workers) cannot hold 8 fixed one-GPU engines."""
+    argv, groups = next((a, g) for w, a, g in scheduling_cases() if w == str(REFRESH_FILE.relative_to(CLUSTER)))
+    assert not scheduling_problems(argv, groups)
+    problems = scheduling_problems([*argv, "--set", "recaption.actors=8"], groups)
+    assert len(problems) == 1 and "jobs.refresh / recaption" in problems[0] and "4 x recaption actor" in problems[0], problems
+    assert scheduling_problems([*argv, "--set", "recaption.actors=[4, 8]"], groups) == []
+    assert scheduling_problems([*argv, "--set", "recaption.resources_per_actor={gpu-h100: 1}"], groups)  # no node offers it
 
 
 # ---------------------------------------------------------------- MLflow
@@ -413,58 +681,86 @@ def test_every_ray_container_logs_to_that_mlflow_with_its_credentials(mlflow_dep
 
 
 # ---------------------------------------------------------------- storage
-def test_each_claim_is_mounted_at_one_path_and_defined_read_write_many():
-    paths: dict[str, set[str]] = {}
-    for where, pod in all_pods():
-        for claim, mounted in mounts_by_claim(pod).items():
-            paths.setdefault(claim, set()).update(mounted)
-    assert {"llm2clip-run", "llm2clip-models", "llm2clip-datasets"} <= set(paths)
-    assert all(len(v) == 1 for v in paths.values()), f"a claim mounted at different paths: {paths}"
+# The nodes share the bucket and the MLflow server, nothing else (issue 32): run_dir is each
+# pod's own scratch, and every location a job writes on one node and reads on another is a URI.
+def on_bucket(location: str) -> bool:
+    """An object-store URI (s3://, gs://, ...), not a path or file:// on some node's disk."""
+    return "://" in location and not location.startswith("file://")
+
+
+def test_no_volume_is_shared_between_pods(mlflow_deployment):
     pvcs = {d["metadata"]["name"]: d for d in load(STORAGE_FILE) if d["kind"] == "PersistentVolumeClaim"}
-    assert set(paths) <= set(pvcs), f"claims without a PVC in storage.yaml: {sorted(set(paths) - set(pvcs))}"
-    assert all(p["spec"]["accessModes"] == ["ReadWriteMany"] for p in pvcs.values()), "shared by pods on many nodes"
-
-
-def test_storage_paths_are_named_consistently(launcher, launcher_env, mlflow_deployment):
-    run_dirs, store_uris, hf_homes = set(), set(), set()
+    for where, c in ray_containers():
+        pod = next(p for w, p in all_pods() if where.startswith(w + "/"))
+        assert not mounts_by_claim(pod), f"{where}: a Ray pod mounts a PersistentVolumeClaim"
+        scratch = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+        run_dir = env_of(c)["LLM2CLIP_RUN_DIR"]["value"]
+        assert any(m["mountPath"] == run_dir and m["name"] in scratch for m in c["volumeMounts"]), \
+            f"{where}: run_dir {run_dir} is not the pod's own emptyDir"
+    users: dict[str, list[str]] = {}
     for where, pod in all_pods():
-        claims = mounts_by_claim(pod)
-        for c in pod["containers"]:
-            env = env_of(c)
-            if "LLM2CLIP_RUN_DIR" in env:
-                mounted = claims.get("llm2clip-run", [None])[:1]
-                assert [env["LLM2CLIP_RUN_DIR"]["value"]] == mounted, f"{where}: run dir is not the mounted PVC"
-                run_dirs.add(env["LLM2CLIP_RUN_DIR"]["value"])
-                store_uris.add(env["LLM2CLIP_STORE_URI"]["value"])
-                hf_homes.add(env["HF_HOME"]["value"])
-                assert PurePosixPath(env["HF_HOME"]["value"]).is_relative_to(claims["llm2clip-models"][0]), where
-    run_dirs.add(launcher_env["LLM2CLIP_RUN_DIR"])
-    store_uris.add(launcher_env["LLM2CLIP_STORE_URI"])
-    hf_homes.add(launcher_env["HF_HOME"])
-    assert len(run_dirs) == 1 and len(store_uris) == 1 and len(hf_homes) == 1, (run_dirs, store_uris, hf_homes)
-    (run_dir,) = run_dirs
-    assert config_default(yaml.safe_load(PAPER_CONFIG.read_text())["run_dir"]) == run_dir, "the paper config's run_dir default"
-    assert f"-v {run_dir}:{run_dir}" in launcher["docker"]["run_options"], "the launcher's containers see the shared run dir"
-    # MLflow's stores live in the run dir's mlflow/ folder, on k8s and on the launcher's head.
+        for claim in mounts_by_claim(pod):
+            users.setdefault(claim, []).append(where)
+    assert users == {"llm2clip-mlflow": ["mlflow.yaml:deployment"]}, f"only MLflow's pod mounts a claim: {users}"
+    assert set(users) <= set(pvcs) and pvcs["llm2clip-mlflow"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_storage_locations_are_named_consistently(launcher, launcher_env, mlflow_deployment):
+    keys = ("LLM2CLIP_RUN_DIR", "LLM2CLIP_STORE_URI", "LLM2CLIP_STORAGE_URI", "LLM2CLIP_MODELS_URI", "LLM2CLIP_LISTING", "HF_HOME")
+    values: dict[str, set[str]] = {k: {launcher_env[k]} for k in keys}
+    for where, c in ray_containers():
+        env = env_of(c)
+        for k in keys:
+            values[k].add(env[k]["value"])
+    assert all(len(v) == 1 for v in values.values()), f"pods and launcher nodes disagree: {values}"
+    one_value = {k: next(iter(v)) for k, v in values.items()}
+    for k in ("LLM2CLIP_STORE_URI", "LLM2CLIP_STORAGE_URI", "LLM2CLIP_MODELS_URI", "LLM2CLIP_LISTING"):
+        assert on_bucket(one_value[k]), f"{k} must be on the bucket, got {one_value[k]}"
+    assert one_value["LLM2CLIP_MODELS_URI"].endswith("/"), "the config appends <org>/<name> to LLM2CLIP_MODELS_URI"
+    run_dir = one_value["LLM2CLIP_RUN_DIR"]
+    assert PurePosixPath(one_value["HF_HOME"]).is_relative_to(run_dir), "HF_HOME is node-local scratch too"
+    assert config_default(yaml.safe_load(PAPER_CONFIG.read_text())["run_dir"]) == run_dir
+    assert f"-v {run_dir}:{run_dir}" in launcher["docker"]["run_options"], "the launcher's containers see the host's scratch"
+    # MLflow: databases on its own volume (k8s) or the head's disk (launcher), artifacts on the bucket, the same on both.
     mlflow_pod = mlflow_deployment["spec"]["template"]["spec"]
-    assert mounts_by_claim(mlflow_pod)["llm2clip-run"] == [run_dir]
-    for text in (" ".join(mlflow_pod["containers"][0]["args"]), " ".join(launcher["head_start_ray_commands"])):
-        assert f"sqlite:///{run_dir}/mlflow/mlflow.db" in text and f"--artifacts-destination {run_dir}/mlflow/artifacts" in text
+    (db_mount,) = mounts_by_claim(mlflow_pod)["llm2clip-mlflow"]
+    k8s_script = " ".join(mlflow_pod["containers"][0]["args"])
+    launcher_script = " ".join(launcher["head_start_ray_commands"])
+    assert f"--backend-store-uri sqlite:///{db_mount}/mlflow.db" in k8s_script
+    assert f"--backend-store-uri sqlite:///{run_dir}/mlflow/mlflow.db" in launcher_script
+    destinations = {re.search(r"--artifacts-destination (\S+)", text).group(1) for text in (k8s_script, launcher_script)}
+    assert len(destinations) == 1 and on_bucket(next(iter(destinations))), destinations
 
 
-def test_evaluation_sets_of_the_paper_config_are_mounted(raycluster, launcher):
-    sets = yaml.safe_load(PAPER_CONFIG.read_text())["evaluate"]["sets"]
-    paths = [v for s in sets for v in [s.get("source"), *(s.get("options") or {}).values()]
-             if isinstance(v, str) and v.startswith("/")]
-    assert paths, "the paper config names evaluation files on shared storage"
-    launcher_targets = [o.split()[1].split(":")[1] for o in launcher["docker"]["run_options"] if o.startswith("-v ")]
-    for role, pod in pod_specs(raycluster).items():
+def test_with_the_pods_environment_every_shared_location_is_on_the_bucket(monkeypatch):
+    """The paper config, loaded with a Ray pod's environment, names no local path a job could
+    write on one node and read on another: only run_dir (and models.dir under it) are local."""
+    (_, container), *_ = ray_containers()
+    for name, e in env_of(container).items():
+        if "value" in e:
+            monkeypatch.setenv(name, e["value"])
+    cfg = load_config(PAPER_CONFIG)
+    shared = {"store.uri": cfg.store.uri, "storage_uri": cfg.storage_uri, "ingest.source": cfg.ingest.source,
+              "models.llm": cfg.models.llm, "models.vlm": cfg.models.vlm, "models.vision": cfg.models.vision,
+              "train_clip.vision_model": cfg.train_clip.vision_model}
+    for s in cfg.evaluate.sets:
+        shared[f"evaluate.sets.{s.name}.source"] = s.source
+        shared |= {f"evaluate.sets.{s.name}.options.{k}": v for k, v in s.options.items() if isinstance(v, str) and "/" in v}
+    local = {k: v for k, v in shared.items() if v is None or not on_bucket(v)}
+    assert not local, f"not on the bucket: {local}"
+    assert "://" not in cfg.run_dir and PurePosixPath(cfg.models.dir).is_relative_to(cfg.run_dir)
+
+
+def test_pods_reach_the_bucket_through_one_service_account(mlflow_deployment):
+    (account,) = [d for d in load(STORAGE_FILE) if d["kind"] == "ServiceAccount"]
+    name = account["metadata"]["name"]
+    pods = [(w, p) for w, p in all_pods() if any(where.startswith(w + "/") for where, _ in ray_containers())]
+    pods.append(("mlflow.yaml:deployment", mlflow_deployment["spec"]["template"]["spec"]))
+    for where, pod in pods:
+        assert pod.get("serviceAccountName") == name, f"{where}: serviceAccountName {name} (workload identity for the bucket)"
         for c in pod["containers"]:
-            mounted = [m["mountPath"] for m in c["volumeMounts"]]
-            for p in paths:
-                assert any(PurePosixPath(p).is_relative_to(m) for m in mounted if m != "/dev/shm"), f"{role}: {p} not mounted"
-    for p in paths:
-        assert any(PurePosixPath(p).is_relative_to(t) for t in launcher_targets), f"launcher: {p} not mounted"
+            refs = [e["secretRef"] for e in c.get("envFrom", []) if "secretRef" in e]
+            assert all(r.get("optional") is True for r in refs), f"{where}: storage keys are optional (workload identity first)"
 
 
 # ---------------------------------------------------------------- runtime envs

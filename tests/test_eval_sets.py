@@ -257,3 +257,125 @@ def test_unknown_kind_and_bad_output(tmp_path, images):
         write_listing("imagenet", images, tmp_path / "x.parquet")
     with pytest.raises(ValueError, match=r"x\.jsonl.*\.parquet"):
         write_listing("folder", tmp_path, tmp_path / "x.jsonl")
+
+
+# ---------------------------------------------------------------- sources on an S3-protocol server
+@pytest.fixture
+def bucket(s3, monkeypatch, request) -> str:
+    """A fresh bucket on the rig's S3 server (conftest `s3`), its settings in this process's
+    environment; a name unique to the test, as pipeline.uri keeps one filesystem per bucket."""
+    import uuid
+
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    return s3.bucket(f"evalsets-{request.node.name.replace('_', '-')[:30].lower()}-{uuid.uuid4().hex[:8]}")
+
+
+def _put(bucket: str, key: str, data: bytes | str) -> str:
+    import boto3
+
+    # endpoint and credentials: the environment the `bucket` fixture set
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data.encode() if isinstance(data, str) else data)
+    return f"s3://{bucket}/{key}"
+
+
+def _png_bytes(color) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 6), color).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_coco_and_pairs_on_s3(tmp_path, bucket):
+    ann = _put(bucket, "coco/annotations/captions_val.json", json.dumps({
+        "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "val/b.png"}, {"id": 3, "file_name": "s3://other/c.png"}],
+        "annotations": [{"image_id": 1, "caption": "a red square"}, {"image_id": 2, "caption": "a green square"},
+                        {"image_id": 3, "caption": "elsewhere"}]}))
+    # relative images: beside the JSON by default, or under image_root (a URI prefix); URIs stay as they are
+    made = write_listing("coco", ann, tmp_path / "coco.parquet")
+    assert [r["uri"] for r in _read(made.path)] == [f"s3://{bucket}/coco/annotations/a.png",
+                                                   f"s3://{bucket}/coco/annotations/val/b.png", "s3://other/c.png"]
+    made = write_listing("coco", ann, tmp_path / "coco2.parquet", image_root=f"s3://{bucket}/coco/images/")
+    rows = _read(made.path)
+    assert made.path == tmp_path / "coco2.parquet" and made.rows == 3  # the listing is written locally
+    assert rows[0]["uri"] == f"s3://{bucket}/coco/images/a.png" and rows[0]["captions"] == ["a red square"]
+    # a local image_root under a URI source: checked on this disk as before
+    _png(tmp_path / "imgs" / "a.png")
+    made = write_listing("coco", ann, tmp_path / "coco3.parquet", image_root=tmp_path / "imgs")
+    assert [r["uri"] for r in _read(made.path)] == [str((tmp_path / "imgs" / "a.png").resolve()), "s3://other/c.png"]
+    _assert_missing(made, "b.png", [])
+
+    records = [{"image": "a.png", "caption": "red"}, {"image": "a.png", "caption": "scarlet"}, {"image": "b.png", "caption": "green"}]
+    jsonl = _put(bucket, "pairs/p.jsonl", "\n".join(json.dumps(r) for r in records))
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(records), buf)
+    parquet = _put(bucket, "pairs/p.parquet", buf.getvalue().to_pybytes())
+    csv = _put(bucket, "pairs/p.csv", "image,caption\n" + "".join(f"{r['image']},{r['caption']}\n" for r in records))
+    for source in (jsonl, parquet, csv):
+        made = write_listing("pairs", source, tmp_path / "pairs.parquet")
+        assert [(r["uri"], r["captions"]) for r in _read(made.path)] == [
+            (f"s3://{bucket}/pairs/a.png", ["red", "scarlet"]), (f"s3://{bucket}/pairs/b.png", ["green"])], source
+    made = write_listing("long", jsonl, tmp_path / "long.parquet")
+    assert [r["dense_captions"] for r in _read(made.path)] == [["red", "scarlet"], ["green"]]
+
+
+def test_folder_on_s3(tmp_path, bucket):
+    for key, color in (("tree/golden_retriever/1.png", (1, 2, 3)), ("tree/golden_retriever/sub/2.png", (4, 5, 6)),
+                       ("tree/tabby_cat/x.png", (7, 8, 9)), ("tree/.hidden/y.png", (0, 0, 0)),
+                       ("tree/tabby_cat/.z.png", (0, 0, 0))):
+        _put(bucket, key, _png_bytes(color))
+    _put(bucket, "tree/tabby_cat/notes.txt", "not an image")
+    _put(bucket, "tree/readme.png", _png_bytes((9, 9, 9)))  # right under the root: no class
+    for root in (f"s3://{bucket}/tree", f"s3://{bucket}/tree/"):
+        made = write_listing("folder", root, tmp_path / "f.parquet")
+        rows = _read(made.path)
+        assert made.class_names == ["golden retriever", "tabby cat"] and made.problems == []
+        assert [(r["uri"], r["metadata"]["label"]) for r in rows] == [
+            (f"s3://{bucket}/tree/golden_retriever/1.png", 0), (f"s3://{bucket}/tree/golden_retriever/sub/2.png", 0),
+            (f"s3://{bucket}/tree/tabby_cat/x.png", 1)]
+    names = _put(bucket, "names.json", json.dumps({"tabby_cat": "Cat", "golden_retriever": "Dog"}))
+    made = write_listing("folder", f"s3://{bucket}/tree", tmp_path / "f2.parquet", class_names=names)
+    assert made.class_names == ["Dog", "Cat"] and _read(made.path)[2]["captions"] == ["Cat"]
+    names_txt = _put(bucket, "names.txt", "dog\ncat\n")
+    assert write_listing("folder", f"s3://{bucket}/tree", tmp_path / "f3.parquet", class_names=names_txt).class_names == ["dog", "cat"]
+
+
+def test_fashion_mnist_idx_on_s3(tmp_path, bucket):
+    src = tmp_path / "fm"
+    src.mkdir()
+    imgs = np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28) % 256
+    _put(bucket, "fm/t10k-images-idx3-ubyte.gz", _idx(src / "i.gz", imgs, gz=True).read_bytes())
+    _put(bucket, "fm/t10k-labels-idx1-ubyte", _idx(src / "l", np.array([9, 0, 3]), gz=False).read_bytes())
+    made = write_listing("fashion_mnist", f"s3://{bucket}/fm", tmp_path / "out" / "fm.parquet")
+    rows = _read(made.path)
+    assert made.rows == 3 and sorted(r["metadata"]["label"] for r in rows) == [0, 3, 9]
+    assert all(Path(r["uri"]).is_file() and r["uri"].startswith(str(tmp_path / "out")) for r in rows)  # PNGs: local
+
+
+def test_cra_pairs_and_templates_on_s3(bucket):
+    from pipeline.cra_sets import named_pairs
+    from pipeline.eval_views import read_templates
+
+    pairs = _put(bucket, "cra/my_pairs.jsonl", "\n".join(json.dumps({"first": f"a{i}", "second": f"b{i}"}) for i in range(3)))
+    assert named_pairs(pairs) == ("my_pairs", [("a0", "b0"), ("a1", "b1"), ("a2", "b2")])
+    templates = _put(bucket, "t.txt", "# comment\na photo of a {}.\n{} in a picture\n")
+    assert read_templates(templates) == ["a photo of a {}.", "{} in a picture"]
+
+
+def test_missing_sources_on_s3_are_one_line_errors(tmp_path, bucket):
+    from pipeline.cra_sets import named_pairs
+    from pipeline.eval_views import read_templates
+
+    gone = f"s3://{bucket}/no/such.json"
+    for kind, source in (("coco", gone), ("pairs", f"s3://{bucket}/no/such.jsonl"), ("folder", f"s3://{bucket}/no/tree"),
+                         ("fashion_mnist", f"s3://{bucket}/no/fm"), ("coco", "s3://no-such-bucket-evalsets/x.json"),
+                         ("folder", "s3://no-such-bucket-evalsets/tree")):
+        with pytest.raises((ValueError, OSError)) as e:
+            write_listing(kind, source, tmp_path / "x.parquet")
+        message = str(e.value)
+        assert source in message and "\n" not in message and len(message) < 400, (kind, message)
+    with pytest.raises(ValueError, match=f"CRA set: .*{bucket}/no/p.jsonl does not exist"):
+        named_pairs(f"s3://{bucket}/no/p.jsonl")
+    with pytest.raises(ValueError, match=f"evaluate.templates: s3://{bucket}/no/t.txt does not exist"):
+        read_templates(f"s3://{bucket}/no/t.txt")

@@ -2,13 +2,16 @@
 
 They pin what a typo would silently break on a real cluster: the entrypoint and its config,
 the Ray version against pyproject's pin, GPU and auth settings, the CronJob's wiring to the
-ConfigMap / RBAC / RayJob labels, and deadlines that fit inside the schedule.
+ConfigMap / RBAC / RayJob labels, deadlines that fit inside the schedule and a wait that covers
+every try of the RayJob. The CronJob's guard script runs here against a fake kubectl.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -20,7 +23,8 @@ KUBERAY = REPO / "cluster" / "kuberay"
 RAYJOB_FILE = KUBERAY / "refresh-rayjob.yaml"
 CRONJOB_FILE = KUBERAY / "refresh-cronjob.yaml"
 CONFIGMAP = "llm2clip-refresh-rayjob"
-REQUIRED_ENV = ("MLFLOW_TRACKING_URI", "LLM2CLIP_STORE_URI", "LLM2CLIP_LISTING", "LLM2CLIP_RUN_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+REQUIRED_ENV = ("MLFLOW_TRACKING_URI", "LLM2CLIP_STORE_URI", "LLM2CLIP_STORAGE_URI", "LLM2CLIP_MODELS_URI", "LLM2CLIP_LISTING",
+                "LLM2CLIP_RUN_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def load(path: Path) -> list[dict]:
@@ -212,7 +216,7 @@ def test_cronjob_creates_the_rayjob_from_the_configmap(cron_pod, cron_env, rayjo
     # The script finds its RayJobs by label and judges them by the RayJob status fields.
     key, _, value = cron_env["RAYJOB_SELECTOR"].partition("=")
     assert rayjob["metadata"]["labels"][key] == value
-    for needle in ("jobDeploymentStatus", "jobStatus", "Complete", "Failed", "SUCCEEDED", "exit 1"):
+    for needle in ("jobDeploymentStatus", "jobStatus", "Complete", "Failed", "ValidationFailed", "Suspended", "SUCCEEDED", "exit 1"):
         assert needle in script, needle
 
 
@@ -224,7 +228,8 @@ def test_install_commands_name_the_configmap():
 
 
 def test_deadlines_fit_the_schedule(cron_docs, cron_env, rayjob):
-    """RayJob deadline < the wait < the Job deadline < the period between runs."""
+    """Every try of the RayJob (1 + backoffLimit, each up to its activeDeadlineSeconds) < the
+    guard's wait < the Job deadline < the period between runs."""
     spec = cron_docs["CronJob"]["spec"]
     minute, hour, *_ = spec["schedule"].split()
     m = re.fullmatch(r"\*/(\d+)", hour)
@@ -232,4 +237,81 @@ def test_deadlines_fit_the_schedule(cron_docs, cron_env, rayjob):
     period = int(m.group(1)) * 3600
     wait = int(cron_env["WAIT_TIMEOUT_SECONDS"])
     job_deadline = spec["jobTemplate"]["spec"]["activeDeadlineSeconds"]
-    assert rayjob["spec"]["activeDeadlineSeconds"] < wait < job_deadline < period
+    every_try = (1 + rayjob["spec"]["backoffLimit"]) * rayjob["spec"]["activeDeadlineSeconds"]
+    assert every_try < wait < job_deadline < period, (every_try, wait, job_deadline, period)
+
+
+# ---------------------------------------------------------------- the CronJob's guard, run against a fake kubectl
+NEW_RAYJOB = "llm2clip-refresh-new"
+#: Answers the guard's kubectl calls from FAKE_* variables and logs each call. FAKE_EXISTING lists
+#: the RayJobs already there as name=jobDeploymentStatus; the one the guard creates is NEW_RAYJOB.
+FAKE_KUBECTL = """#!/bin/sh
+echo "$*" >>"$FAKE_LOG"
+case "$*" in
+  "create "*) echo "$FAKE_NEW" ;;
+  "get rayjobs "*"-o name"*) for r in $FAKE_EXISTING; do echo "rayjob.ray.io/${r%%=*}"; done ;;
+  "get rayjobs "*) for r in $FAKE_EXISTING; do echo "$r"; done ;;
+  "get rayjob $FAKE_NEW "*jobDeploymentStatus*) printf %s "$FAKE_NEW_STATE" ;;
+  "get rayjob "*jobStatus*) printf %s "$FAKE_JOB_STATUS" ;;
+  "get rayjob "*reason*) printf %s "reason-of-$3" ;;
+  "get rayjob "*message*) printf %s "message-of-$3" ;;
+esac
+"""
+
+
+def run_guard(cron_pod: dict, tmp_path: Path, existing: str, new_state: str, job_status: str = "SUCCEEDED",
+              wait: int = 600) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The CronJob's script as its container runs it (sh -c), with kubectl on PATH faked."""
+    (container,) = cron_pod["containers"]
+    assert container["command"] == ["/bin/sh", "-c"]
+    (script,) = container["args"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
+    (bin_dir / "kubectl").chmod(0o755)
+    log = tmp_path / "kubectl.log"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
+           "NAMESPACE": "llm2clip", "RAYJOB_MANIFEST": str(RAYJOB_FILE), "RAYJOB_SELECTOR": "app.kubernetes.io/name=llm2clip-refresh",
+           "WAIT_TIMEOUT_SECONDS": str(wait), "POLL_SECONDS": "1", "KEEP_RAYJOBS": "10",
+           "FAKE_LOG": str(log), "FAKE_NEW": NEW_RAYJOB, "FAKE_EXISTING": existing, "FAKE_NEW_STATE": new_state,
+           "FAKE_JOB_STATUS": job_status}
+    done = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    return done, log.read_text().splitlines() if log.exists() else []
+
+
+def test_guard_runs_past_rejected_and_suspended_rayjobs_and_reports_them(cron_pod, tmp_path):
+    existing = "old-done=Complete old-failed=Failed old-rejected=ValidationFailed old-held=Suspended"
+    done, calls = run_guard(cron_pod, tmp_path, existing, new_state="Complete")
+    assert done.returncode == 0, done.stderr
+    assert any(c.startswith("create ") for c in calls), calls
+    assert "refresh: succeeded" in done.stdout
+    for name, state in (("old-rejected", "ValidationFailed"), ("old-held", "Suspended")):
+        assert f"rayjob/{name} is {state}: reason-of-{name} message-of-{name}" in done.stderr, done.stderr
+    assert "old-done is" not in done.stderr and "old-failed is" not in done.stderr  # ordinary endings are not news
+
+
+@pytest.mark.parametrize("state", ["", "New", "Initializing", "Running", "Retrying", "Suspending", "Waiting"])
+def test_guard_does_not_start_beside_a_refresh_in_flight(cron_pod, tmp_path, state):
+    done, calls = run_guard(cron_pod, tmp_path, f"old-done=Complete old-busy={state}", new_state="Complete")
+    assert done.returncode == 1
+    assert "not started, RayJob(s) still running: old-busy" in done.stderr, done.stderr
+    assert not any(c.startswith("create ") for c in calls)
+
+
+@pytest.mark.parametrize("state", ["ValidationFailed", "Suspended", "Failed"])
+def test_guard_stops_waiting_when_its_rayjob_ends_without_running(cron_pod, tmp_path, state):
+    """A RayJob that KubeRay rejected or that was suspended never finishes by itself: the guard
+    reports it at once instead of waiting out WAIT_TIMEOUT_SECONDS (600 here; the test would time out)."""
+    done, _ = run_guard(cron_pod, tmp_path, "", new_state=state, job_status="")
+    assert done.returncode == 1
+    assert f"rayjob/{NEW_RAYJOB} jobDeploymentStatus={state}" in done.stdout and "refresh: FAILED" in done.stderr
+
+
+def test_guard_fails_when_the_wait_runs_out(cron_pod, tmp_path):
+    done, _ = run_guard(cron_pod, tmp_path, "", new_state="Running", wait=1)
+    assert done.returncode == 1 and f"rayjob/{NEW_RAYJOB} not finished after 1s" in done.stderr, done.stderr
+
+
+def test_guard_fails_a_complete_rayjob_whose_ray_job_failed(cron_pod, tmp_path):
+    done, _ = run_guard(cron_pod, tmp_path, "", new_state="Complete", job_status="FAILED")
+    assert done.returncode == 1 and "refresh: FAILED" in done.stderr

@@ -35,8 +35,9 @@ from pipeline.captioning import (
     prompt_id,
     recaption_model,
 )
-from pipeline.config import ImageLimits, PipelineConfig, RecaptionConfig
+from pipeline.config import ImageLimits, PipelineConfig, RecaptionConfig, pool_bounds
 from pipeline.stages.captioner import CaptionRequest, Captioner
+from pipeline.stages.runtime import actor_pool
 from pipeline.hardware import resolve_precision
 from pipeline.images import inspect_image, read_ingested_bytes, to_rgb
 from pipeline.captions import caption_rows
@@ -267,16 +268,17 @@ def _caption(cfg: PipelineConfig, model: str, version: str, todo: pa.Table, line
         # Reads are I/O: they reserve no CPU, so they run even when the engines hold every
         # CPU of the cluster, and a small fixed pool bounds how many bytes are in flight.
         ds = ds.map_batches(read_images, fn_kwargs={"limits": cfg.ingest.limits}, batch_format="pyarrow", batch_size=rc.batch_size,
-                            num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2 * rc.actors))
+                            num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2 * pool_bounds(rc.actors)[1]))
     out = ds.map_batches(
         CaptionBatch,
         fn_constructor_kwargs=dict(model=model, cfg=rc, precision=precision, use_gpu=use_gpu, limits=cfg.ingest.limits,
                                    trust_remote_code=cfg.models.trust_remote_code),
         batch_size=rc.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=rc.actors),
+        compute=actor_pool(rc.actors),
         num_cpus=rc.cpus_per_actor,
         num_gpus=rc.gpus_per_actor,
+        resources=rc.resources_per_actor or None,
     )
     existing = captions.keys(version)
     rejected_images: dict[str, list[str]] = {}

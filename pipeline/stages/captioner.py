@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline.captioning import Rejected, chat_prompt, fit_context
 from pipeline.config import RecaptionConfig
+from pipeline.model_refs import local_path
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Captioner:
         os.environ.update(cfg.engine_env)
         from vllm import LLM, SamplingParams  # noqa: I001 - imported here: only engine processes need vLLM
 
+        model = local_path(model)  # a storage or MLflow URI: into this node's model cache
         cfg = fit_context(cfg, model)  # as the driver did (a direct user, e.g. a benchmark, may not have)
         self.cfg = cfg
         self.with_image = cfg.mode == "image"

@@ -191,7 +191,7 @@ class ClipInputs:
         clip_text = cfg.models.clip_text if tc.text_tower == "clip" else None
         if tc.text_tower == "clip" and not clip_text:
             raise ValueError("train_clip.text_tower: clip needs models.clip_text (a CLIPTextModel folder; `make models` builds tiny-clip-text)")
-        source, captions, storage = source or text_source(cfg), CaptionPlan.of(cfg), storage_path(tc.settings(), cfg.run_dir)
+        source, captions, storage = source or text_source(cfg), CaptionPlan.of(cfg), storage_path(tc.settings(), cfg.storage)
         return cls(source, captions, vision, clip_text, storage, sample_rows(cfg, source, captions, storage))
 
     def joined(self, cfg: PipelineConfig) -> ClipInputs:
@@ -256,6 +256,8 @@ def _collect_captions(group: pa.Table, payload: str) -> pa.Table:
 def _number(block: pa.Table, first_id: int, trained_versions: list[str]) -> tuple[pa.Table, int]:
     """Sample ids first_id.. along the block's (sorted) order, and the digest of what the block
     trains on: each image with the ids of its captions in the trained versions."""
+    if block.num_rows == 0:  # an empty block may have no columns at all
+        return block, 0
     ids = pa.array(np.arange(first_id, first_id + block.num_rows, dtype=np.int64))
     rows = zip(block.column("image_id").to_pylist(), block.column("caption_id").to_pylist(), block.column("caption_version").to_pylist())
     digest = sum(sample_digest(image, [c for c, v in zip(caps, versions) if v in trained_versions]) for image, caps, versions in rows)
@@ -274,6 +276,9 @@ def _numbered(ds, seed: int, trained_versions: list[str], ordered: bool = True) 
                                                                             type=pa.int64())), batch_format="pyarrow")
     refs = (keyed.sort("order_key") if ordered else keyed).to_arrow_refs()
     sizes = ray.get([_num_rows.remote(r) for r in refs])
+    # Empty blocks (a filter that kept nothing of a partition) may have no schema: leave them out.
+    kept = [(r, n) for r, n in zip(refs, sizes) if n] or list(zip(refs, sizes))[:1]
+    refs, sizes = [r for r, _ in kept], [n for _, n in kept]
     numbered, digests, first = [], [], 0
     for ref, size in zip(refs, sizes):
         block, digest = _number.remote(ref, first, trained_versions)

@@ -21,14 +21,14 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.caption_pairs import PROTOCOLS, caption_pairs
-from pipeline.config import EmbedConfig, PipelineConfig
+from pipeline.config import EmbedConfig, PipelineConfig, pool_bounds
 from pipeline.faults import crash_point
 from pipeline.hardware import resolve_precision
 from pipeline.metrics import caption_retrieval_accuracy
-from pipeline.model_refs import is_mlflow_uri, local_path
 from pipeline.lineage import Lineage, StoreInput
 from pipeline.plans import StagePlan, not_ready
 from pipeline.records import Tracked, hidden, label
+from pipeline.stages.runtime import actor_pool
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store, reject_row, utc_now
 from pipeline.text_encoder import ENCODER_VERSION_PREFIX, TextEncoder
@@ -144,12 +144,12 @@ def _encoder_of_version(cfg: PipelineConfig, version: str) -> str:
 
 
 def resolve_encoder(cfg: PipelineConfig) -> str:
-    """A local path for the configured encoder: a path, a hub id, an MLflow model URI
-    (downloaded once) or an `encoder_version` (enc-...)."""
+    """The configured encoder as a reference its actors can load (a path, a hub id, a storage or
+    MLflow model URI): an `encoder_version` (enc-...) is looked up. The actors resolve the
+    reference themselves, into their node's model cache: a folder downloaded here would not
+    exist on their nodes."""
     ref = cfg.embed.encoder or cfg.models.llm
-    if ref.startswith(ENCODER_VERSION_PREFIX):
-        ref = _encoder_of_version(cfg, ref)
-    return local_path(ref, cfg.mlflow.tracking_uri) if is_mlflow_uri(ref) else ref
+    return _encoder_of_version(cfg, ref) if ref.startswith(ENCODER_VERSION_PREFIX) else ref
 
 
 def _version_embedded_before(cfg: PipelineConfig, ref: str, options: dict[str, Any]) -> str | None:
@@ -235,7 +235,7 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
         return _nothing_to_do(cfg, work, precision, tracker)  # no encoder load, no actor
     path = resolve_encoder(cfg)
     # The output version is the encoder's identity; a small task computes it off the driver.
-    version, dim = ray.get(_probe_encoder.options(num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor).remote(path, options, cfg.models.trust_remote_code))
+    version, dim = ray.get(_probe_encoder.options(num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor, resources=ecfg.resources_per_actor).remote(path, options, cfg.models.trust_remote_code))
     result = EmbedResult(encoder=cfg.embed.encoder or cfg.models.llm, encoder_version=version, dim=dim, precision=precision)
     result.tracked_by(tracker)
 
@@ -261,7 +261,7 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     # Small stores are one Parquet file = one block = one busy actor: split so every actor
     # works. Materialised first (ids and text only): actors that hold every CPU would
     # otherwise starve the read tasks that feed them.
-    todo = todo.repartition(max(ecfg.actors, -(-result.input_rows // ecfg.batch_size))).materialize()
+    todo = todo.repartition(max(pool_bounds(ecfg.actors)[1], -(-result.input_rows // ecfg.batch_size))).materialize()
     embedded = todo.map_batches(
         EmbedCaptions,
         fn_constructor_kwargs=dict(
@@ -270,9 +270,10 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
         ),
         batch_size=ecfg.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=ecfg.actors),
+        compute=actor_pool(ecfg.actors),
         num_cpus=ecfg.cpus_per_actor,
         num_gpus=ecfg.gpus_per_actor,
+        resources=ecfg.resources_per_actor or None,
     ).materialize()
     status_schema = pa.schema([("caption_id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
     refs = embedded.select_columns(status_schema.names).to_arrow_refs()
@@ -281,7 +282,7 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     rejected = status.filter(pc.not_equal(status.column("reason"), ""))
     result.truncated = int(pc.sum(pc.equal(status.column("detail"), "truncated")).as_py() or 0)
     with embeddings.begin(version, lineage) as txn:
-        embedded.map_batches(_accepted, batch_format="pyarrow").write_parquet(txn.staging_dir)
+        embedded.map_batches(_accepted, batch_format="pyarrow").write_parquet(txn.staging_dir, filesystem=txn.store.fs)
         commit = txn.commit({"input_rows": result.input_rows, "rejected": rejected.num_rows})
     result.seconds = (utc_now() - start).total_seconds()
     result.commit = commit.commit_id if commit else None

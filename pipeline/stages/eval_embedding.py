@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, pool_bounds
+from pipeline.stages.runtime import actor_pool
 from pipeline.hardware import resolve_precision
 
 
@@ -137,14 +138,14 @@ def embed(cfg: PipelineConfig, spec: ModelSpec, texts: list[str], images: list[t
         "uri": pa.array([None] * (len(texts) + n_llm) + [u for u, _ in images], pa.string()),
         "sha256": pa.array([None] * (len(texts) + n_llm) + [h for _, h in images], pa.string()),
     })
-    per_block = -(-table.num_rows // max(ecfg.actors, -(-table.num_rows // ecfg.batch_size)))
+    per_block = -(-table.num_rows // max(pool_bounds(ecfg.actors)[1], -(-table.num_rows // ecfg.batch_size)))
     ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, table.num_rows, per_block)])
     out = ds.map_batches(
         EvalEncoder,
         fn_constructor_kwargs=dict(spec=spec, precision=resolve_precision(ecfg.precision, use_gpu), use_gpu=use_gpu,
                                    max_bytes=cfg.ingest.limits.max_bytes, raw=raw),
-        batch_size=ecfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=ecfg.actors),
-        num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor,
+        batch_size=ecfg.batch_size, batch_format="pyarrow", compute=actor_pool(ecfg.actors),
+        num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor, resources=ecfg.resources_per_actor or None,
     )
     result = pa.concat_tables([t for t in ray.get(out.to_arrow_refs()) if t.num_rows]).sort_by("id")
     if result.num_rows != table.num_rows:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
@@ -35,6 +37,7 @@ from pipeline.stages.eval_embedding import ModelSpec, embed
 from pipeline.stages.listing_ingest import ingest_listing
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store
+from pipeline.uri import is_file, is_uri, join, upload_dir, write_bytes
 from pipeline.versioning import stable_hash
 
 log = logging.getLogger(__name__)
@@ -69,8 +72,11 @@ class EncoderFailed:
 
 
 # ----------------------------------------------------------------- image sets -> views
-def _ingested_views(cfg: PipelineConfig, spec: EvalSet, work_dir: Path, views: Views) -> None:
-    """Files in a standard format -> adapter listing -> ingested into manifest `eval.NAME` -> views."""
+def _ingested_views(cfg: PipelineConfig, spec: EvalSet, work_dir: Path, listings: str, views: Views) -> None:
+    """Files in a standard format -> adapter listing -> ingested into manifest `eval.NAME` -> views.
+    The adapter writes into local scratch (`work_dir`); what it wrote (the listing, and images it
+    made, e.g. Fashion-MNIST's PNGs) is published to storage (`listings`) before any worker reads
+    it: a worker on another node cannot see this node's disk."""
     options = dict(spec.options)
     if spec.kind == "karpathy":
         options.setdefault("splits", [spec.split])  # Karpathy names: train, restval, val, test
@@ -90,23 +96,38 @@ def _ingested_views(cfg: PipelineConfig, spec: EvalSet, work_dir: Path, views: V
     if listing.num_rows == 0:
         views.problems.append(Problem(spec.name, str(spec.source), "no_images", "the adapter found no usable image"))
         return
+    listing, listing_uri = _publish(listing, made.path, work_dir, join(listings, spec.name))
     dataset = f"eval.{spec.name}"
-    icfg = cfg.ingest.model_copy(update={"source": str(made.path), "dataset": dataset, "image_column": "image",
+    icfg = cfg.ingest.model_copy(update={"source": listing_uri, "dataset": dataset, "image_column": "image",
                                          "caption_columns": ["captions"], "dense_caption_columns": ["dense_captions"]})
-    ingested = ingest_listing(cfg.store.uri, icfg, str(made.path))
+    ingested = ingest_listing(cfg.store.uri, icfg, listing_uri)
     log.info("evaluation set %s: %d images added, %d already ingested, %d rejected", spec.name, ingested.added,
              ingested.skipped, ingested.rejected)
     listed_views(cfg.store.uri, spec, dataset, listing.column("image").to_pylist(), made.class_names, views)
 
 
-def build_views(cfg: PipelineConfig, work_dir: Path) -> Views:
+def _publish(listing: pa.Table, listing_path: Path, work_dir: Path, dest: str) -> tuple[pa.Table, str]:
+    """Copy the adapter's files from local scratch to `dest` on storage; images it wrote under
+    `work_dir` are named by their storage location in the listing (others keep theirs)."""
+    local = f"{work_dir}/"
+    images = [f"{dest}/{image[len(local):]}" if image and image.startswith(local) else image
+              for image in listing.column("image").to_pylist()]
+    listing = listing.set_column(listing.schema.get_field_index("image"), "image", pa.array(images, pa.string()))
+    pq.write_table(listing, listing_path)
+    upload_dir(work_dir, dest)
+    return listing, f"{dest}/{listing_path.relative_to(work_dir)}"
+
+
+def build_views(cfg: PipelineConfig, listings: str) -> Views:
+    """The views of every configured set; adapter listings go to `listings` on storage."""
     views = Views()
     cra_views(cfg.evaluate.cra_sets, views)
     for spec in cfg.evaluate.sets:
         if spec.kind == "dataset":
             dataset_views(cfg.store.uri, spec, spec.source or cfg.ingest.dataset, views)
         else:
-            _ingested_views(cfg, spec, work_dir, views)
+            with tempfile.TemporaryDirectory(prefix=f"eval-{spec.name}-") as work_dir:
+                _ingested_views(cfg, spec, Path(work_dir), listings, views)
     return views
 
 
@@ -137,7 +158,7 @@ def _encoder_for(cfg: PipelineConfig, entry: EvalModel, config: LLM2CLIPConfig) 
     if version and embeddings.commits(version):
         for lineage in reversed(embeddings.lineage(version)):
             path = lineage.encoder_path
-            if path and Path(path).exists():
+            if path and (is_uri(path) or Path(path).exists()):
                 return path
     return config.text_encoder
 
@@ -168,20 +189,20 @@ def resolve_models(cfg: PipelineConfig) -> list[ModelSpec]:
 
 
 # ----------------------------------------------------------------- driver
-def report_dir(cfg: PipelineConfig) -> Path:
-    """Where the report of these models on these sets goes: named by them."""
+def report_dir(cfg: PipelineConfig) -> str:
+    """Where the report of these models on these sets goes (on storage): named by them."""
     ecfg = cfg.evaluate
     key = stable_hash({"models": [m.model_dump() for m in ecfg.models], "sets": [s.model_dump() for s in ecfg.sets],
                        "cra": ecfg.cra_sets}, 10)
-    return Path(ecfg.output_dir or Path(cfg.run_dir) / "evaluate") / f"eval-{key}"
+    return join(ecfg.output_dir or join(cfg.storage, "evaluate"), f"eval-{key}")
 
 
 def plan_evaluate(cfg: PipelineConfig) -> StagePlan:
     """Skipped when the report of these models on these sets exists (results.json is written last)."""
     out = report_dir(cfg)
-    if (out / DONE_FILE).is_file():
-        return StagePlan("evaluate", str(out), True, "report of these models on these sets exists")
-    return StagePlan("evaluate", str(out), False, f"{len(cfg.evaluate.models)} models on {len(cfg.evaluate.sets)} sets "
+    if is_file(join(out, DONE_FILE)):
+        return StagePlan("evaluate", out, True, "report of these models on these sets exists")
+    return StagePlan("evaluate", out, False, f"{len(cfg.evaluate.models)} models on {len(cfg.evaluate.sets)} sets "
                      f"+ {len(cfg.evaluate.cra_sets)} CRA sets")
 
 
@@ -190,7 +211,7 @@ def run_evaluate(cfg: PipelineConfig, tracker: Tracker) -> EvaluateResult:
     start = time.perf_counter()
     templates = read_templates(ecfg.templates)
     out_dir = report_dir(cfg)
-    views = build_views(cfg, out_dir / "listings")
+    views = build_views(cfg, join(out_dir, "listings"))
     specs = resolve_models(cfg)
     results = set_results(views, ecfg.ks, templates, str(ecfg.templates or DEFAULT_TEMPLATES.relative_to(REPO)))
     report = EvalReport([], list(results.values()), list(views.problems))
@@ -217,10 +238,18 @@ def run_evaluate(cfg: PipelineConfig, tracker: Tracker) -> EvaluateResult:
         report.models.append(ModelRow(spec.name, spec.kind, spec.ref, note))
     report.problems += [Problem("(images)", views.images[i][0], "unreadable_at_evaluation", r) for i, r in bad_images.items()]
 
-    files = report.write(out_dir)
-    _log_report(tracker, report, files)
-    print("\n" + files["results.md"].read_text())
-    result = EvaluateResult(str(out_dir), sorted(str(p) for p in files.values()), [m.name for m in report.models],
+    with tempfile.TemporaryDirectory(prefix="eval-report-") as local:
+        files = report.write(local)
+        _log_report(tracker, report, files)
+        print("\n" + files["results.md"].read_text())
+        # results.json last: its presence on storage means the report is complete
+        done = files.pop(DONE_FILE)
+        complete = done.read_bytes()
+        done.unlink()
+        upload_dir(local, out_dir)
+        write_bytes(join(out_dir, DONE_FILE), complete)
+    stored = sorted(join(out_dir, name) for name in [*files, DONE_FILE])
+    result = EvaluateResult(out_dir, stored, [m.name for m in report.models],
                             [s.name for s in report.sets], len(report.problems), round(time.perf_counter() - start, 1))
     result.tracked_by(tracker)
     return result

@@ -18,9 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from pipeline.config import pool_bounds
 from pipeline.image_transforms import ImageSpec
 from pipeline.lineage import Lineage
 from pipeline.records import hidden, label
+from pipeline.stages.runtime import actor_pool
 from pipeline.store import Store, reject_row, utc_now
 from pipeline.versioning import code_version, stable_hash
 from schemas import STORE_SCHEMAS
@@ -134,15 +136,15 @@ def compute_features(store_uri: str, ref: str, images, image_size: int | None, m
     result.skipped = result.images - missing
     if not missing:
         return result
-    computed = todo.repartition(max(actors, -(-missing // batch_size))).map_batches(
+    computed = todo.repartition(max(pool_bounds(actors)[1], -(-missing // batch_size))).map_batches(
         TowerFeatures, fn_constructor_kwargs=dict(ref=ref, spec=spec, version=version, max_bytes=max_bytes), batch_size=batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1).materialize()
+        batch_format="pyarrow", compute=actor_pool(actors), num_cpus=1).materialize()
     status = pa.concat_tables(ray.get(computed.select_columns(["image_id", "reason", "detail"]).to_arrow_refs()))
     bad = status.filter(pc.not_equal(status.column("reason"), ""))
     lineage = Lineage(stage="features", vision=ref, feature_version=version, dim=dim, image_size=spec.size, image_mean=list(spec.mean),
                       image_std=list(spec.std), code=code_version(), mlflow_run_id=run_id)
     with features.begin(version, lineage) as txn:
-        computed.map_batches(_readable, batch_format="pyarrow").write_parquet(txn.staging_dir)
+        computed.map_batches(_readable, batch_format="pyarrow").write_parquet(txn.staging_dir, filesystem=txn.store.fs)
         commit = txn.commit({"images": result.images, "skipped": result.skipped, "rejected": bad.num_rows})
     result.written = commit.num_rows if commit else 0
     result.rejected = dict(Counter(bad.column("reason").to_pylist()))

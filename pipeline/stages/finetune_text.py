@@ -182,7 +182,7 @@ def run_name_for(cfg: PipelineConfig, base: str, pairs: pa.Table) -> str:
 def _planned(cfg: PipelineConfig) -> FinetunePlan:
     ft = cfg.finetune_text
     pairs, held_out = training_pairs(cfg)
-    inputs = FinetuneInputs(ft.base_model or cfg.models.llm, pairs, held_out, storage_path(ft.settings(), cfg.run_dir))
+    inputs = FinetuneInputs(ft.base_model or cfg.models.llm, pairs, held_out, storage_path(ft.settings(), cfg.storage))
     name = run_name_for(cfg, inputs.base_model, pairs)
     done = read_result(inputs.storage, name, FinetuneResult)
     if done:

@@ -1,17 +1,17 @@
 """`ingest`: images + original captions -> image manifest, caption store, rejects.
 
-The source is the embedded default (rendered into `{run_dir}/datasets`), a folder, or a
-listing; `listing_ingest.ingest_listing` reads and checks every image in Ray Data and commits
-the stores. Re-ingesting the same listing adds nothing; every input row ends as added, skipped
-or rejected.
+The source is the embedded default (rendered to `{storage}/datasets`, where every node reads
+it), a folder or prefix, a listing, or one image: a local path or a URI (s3://, gs://, file://).
+`listing_ingest.ingest_listing` reads and checks every new image in Ray Data and commits the
+stores. Re-ingesting the same listing adds nothing and opens no image; every input row ends as
+added, skipped or rejected.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from pipeline import uri
 from pipeline.config import PipelineConfig
-from pipeline.embedded import write_embedded_dataset
+from pipeline.embedded import LISTING_NAME, dataset_dir, write_embedded_dataset
 from pipeline.lineage import ListingInput
 from pipeline.plans import StagePlan
 from pipeline.stages.listing_ingest import IngestResult, ingest_listing, listing_sha256
@@ -19,23 +19,30 @@ from pipeline.stages.tracking import Tracker
 from pipeline.store import Store
 
 
-def resolve_source(cfg: PipelineConfig) -> str:
-    """The listing to ingest: the rendered embedded dataset, or what the user gave."""
+def resolve_source(cfg: PipelineConfig, render: bool = True) -> str:
+    """The listing to ingest: the embedded dataset's on storage (rendered first unless
+    `render` is False), or what the user gave."""
     if cfg.ingest.source == "embedded":
-        return str(write_embedded_dataset(Path(cfg.run_dir) / "datasets", cfg.embedded))
-    return cfg.ingest.source
+        root = uri.join(cfg.storage, "datasets")
+        if not render:
+            return uri.join(dataset_dir(root, cfg.embedded), LISTING_NAME)
+        return write_embedded_dataset(root, cfg.embedded, scratch=uri.join(cfg.run_dir, "datasets"))
+    return uri.absolute(cfg.ingest.source)
 
 
 def plan_ingest(cfg: PipelineConfig) -> StagePlan:
     """Skipped when the manifest version already holds a commit of this very listing (same
-    bytes); a folder source is listed anew each time (its new images are the point)."""
+    bytes); a folder source is listed anew each time (its new images are the point; the
+    images it had are skipped unopened)."""
     dataset = cfg.ingest.dataset
-    listing = resolve_source(cfg)
+    listing = resolve_source(cfg, render=False)  # a plan writes nothing
+    if cfg.ingest.source == "embedded" and not uri.exists(listing):
+        return StagePlan("ingest", dataset, False, f"the embedded dataset is not rendered yet ({uri.parent(listing)})")
     sha = listing_sha256(listing)
     commits = Store(cfg.store.uri, "manifest").commits(dataset)
     if sha and any(isinstance(i, ListingInput) and i.sha256 == sha for c in commits for i in c.lineage.inputs):
-        return StagePlan("ingest", dataset, True, f"manifest {dataset} already holds listing {Path(listing).name} (sha256 {sha[:12]})")
-    why = "a folder source is listed each run" if sha is None else f"listing {Path(listing).name} not ingested yet"
+        return StagePlan("ingest", dataset, True, f"manifest {dataset} already holds listing {uri.name(listing)} (sha256 {sha[:12]})")
+    why = "a folder source is listed each run" if sha is None else f"listing {uri.name(listing)} not ingested yet"
     return StagePlan("ingest", dataset, False, why)
 
 

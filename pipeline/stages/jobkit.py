@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import typing
@@ -20,9 +21,14 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, config_to_dict, load_config
+from pipeline.listing import ListingError
 from pipeline.plans import StagePlan
 from pipeline.records import printable, to_json
 from pipeline.stages import runtime, tracking
+from pipeline.uri import LocationError, read_text
+
+#: Errors in what the user gave (a location that is not there, a listing that cannot be read).
+INPUT_ERRORS = (LocationError, ListingError)
 
 StageFn = Callable[[PipelineConfig, tracking.Tracker], Any]
 
@@ -76,27 +82,38 @@ def job_main(stage: str, run: StageFn, status: StatusFn | None = None, epilog: s
         if args.validate_only:
             print(f"{args.config}: valid")
             return 0
-        if getattr(args, "status", False):
-            return status(cfg)
-        if getattr(args, "dry_run", False):
-            shown = plan(cfg)
-            if isinstance(shown, StagePlan):
-                print(shown.line())
-                return 0
-            return shown
-        start = time.time()
-        address = runtime.connect(cfg.ray, cfg.run_dir)
-        config_text = Path(args.config).read_text() + "".join(f"# --set {o}\n" for o in args.overrides)
-        resolved = config_to_dict(cfg)
-        key = run_key(cfg) if run_key else None
-        with tracking.start_run(cfg.mlflow, stage, resolved, config_text=config_text, run_key=key) as tracker:
-            result = run(cfg, tracker)
-            tracker.log_metrics({"wall_seconds": time.time() - start})
-        if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps(to_json(result), indent=2))
-        print(f"\n== {stage} finished in {time.time() - start:.1f}s on Ray at {address}")
-        print(yaml.safe_dump(printable(result), sort_keys=False).rstrip())
-        return 0
+        try:
+            return _run(stage, run, cfg, args, status, plan, run_key)
+        except INPUT_ERRORS as e:  # a location or listing the user gave: one line naming it, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     main.result_type = typing.get_type_hints(run)["return"]
     return main
+
+
+def _run(stage: str, run: StageFn, cfg: PipelineConfig, args: argparse.Namespace, status: StatusFn | None,
+         plan: PlanFn | None, run_key: RunKeyFn | None) -> int:
+    if getattr(args, "status", False):
+        return status(cfg)
+    if getattr(args, "dry_run", False):
+        shown = plan(cfg)
+        if isinstance(shown, StagePlan):
+            print(shown.line())
+            return 0
+        return shown
+    start = time.time()
+    if cfg.mlflow.enabled:  # workers resolve models:/ URIs on their own nodes, from this server (runtime_env)
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.mlflow.tracking_uri
+    address = runtime.connect(cfg.ray, cfg.run_dir)
+    config_text = read_text(args.config) + "".join(f"# --set {o}\n" for o in args.overrides)
+    resolved = config_to_dict(cfg)
+    key = run_key(cfg) if run_key else None
+    with tracking.start_run(cfg.mlflow, stage, resolved, config_text=config_text, run_key=key) as tracker:
+        result = run(cfg, tracker)
+        tracker.log_metrics({"wall_seconds": time.time() - start})
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(to_json(result), indent=2))
+    print(f"\n== {stage} finished in {time.time() - start:.1f}s on Ray at {address}")
+    print(yaml.safe_dump(printable(result), sort_keys=False).rstrip())
+    return 0

@@ -1,4 +1,4 @@
-"""A listing ingested: every image read and checked in Ray Data, then committed to the image
+"""A listing ingested: every new image read and checked in Ray Data, then committed to the image
 manifest, the caption store (its `original` and `provided` captions) and the rejects store.
 
 Bytes never reach the driver: it streams the small per-image results, assigns stable
@@ -6,6 +6,14 @@ image_ids, skips images the manifest version already has, and commits each store
 (captions first: a manifest row is never visible without its captions). Every input row ends as
 added, skipped or rejected. The ingest stage runs it on the user's listing; evaluate runs it on
 the listings its set adapters write.
+
+Refreshes at scale: a row is identified by (uri, size, mtime). The driver gets sizes and mtimes
+in bulk (`listing.stat_locations`: one listing per folder or prefix), and the `sources` store
+records, per manifest version, the identity of every row whose bytes were read and what they
+were (an image in the manifest, or a reject that depends on the bytes alone). A row whose
+identity is recorded is skipped (or rejected again) without opening it; only new or changed
+rows go to Ray Data. A missing file or an oversized one is rejected from its listing entry
+without opening it; an unreadable one is retried on every refresh.
 """
 
 from __future__ import annotations
@@ -13,20 +21,22 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
+from pipeline import uri
 from pipeline.captions import ORIGINAL_VERSION, PROVIDED_VERSION, caption_rows
 from pipeline.config import ImageLimits, IngestConfig
 from pipeline.images import ImageCheck, Reject, image_id_for, inspect_image, read_image_bytes
 from pipeline.lineage import Lineage, ListingInput
-from pipeline.listing import read_listing
+from pipeline.listing import read_listing, sidecar_captions, stat_locations
 from pipeline.records import Tracked, label
 from pipeline.splits import assign_split
 from pipeline.store import Store, reject_row, utc_now
-from pipeline.versioning import code_version
+from pipeline.versioning import code_version, stable_hash
 from schemas import STORE_SCHEMAS
 
 _CHECK_FIELDS = [
@@ -38,6 +48,14 @@ _CHECK_FIELDS = [
     ("reason", pa.string()),
     ("detail", pa.string()),
 ]
+#: What the check tasks get of a listing row.
+_CHECK_INPUT = ["row", "uri", "captions", "dense_captions", "split", "metadata", "sidecar", "size", "mtime_ns"]
+ACCEPTED, REJECTED = "accepted", "rejected"
+#: Rejects decided by the bytes (under the image limits): recorded in `sources`, not re-opened while
+#: the file and the limits stay the same. A missing or unreadable file is tried again each run.
+SETTLED_REJECTS = {Reject.EMPTY_FILE, Reject.FILE_TOO_LARGE, Reject.NOT_AN_IMAGE, Reject.TRUNCATED,
+                   Reject.DECOMPRESSION_BOMB, Reject.TOO_SMALL, Reject.TOO_LARGE}
+FLUSH_ROWS = 8192  # rows buffered per store before a part file is staged
 
 
 @dataclass
@@ -50,50 +68,187 @@ class IngestResult(Tracked):
     skipped: int = label("skipped (already in manifest)", default=0)
     rejected: int = 0
     captions_added: int = label("original/dense captions added", default=0)
+    unchanged: int = label("rows unchanged since they were checked (not opened)", default=0)
+    opened: int = label("images opened (read and checked)", default=0)
     reject_reasons: dict[str, int] = field(default_factory=dict)
     commits: dict[str, str | None] = field(default_factory=dict)  # store (and caption version) -> its commit, None: nothing new
     store_uri: str = label("store", default="")
 
 
 def check_images(batch: pa.Table, limits: ImageLimits) -> pa.Table:
-    """Ray Data UDF: read and check each row's image; append the check's columns."""
+    """Ray Data UDF: read and check each row's image (and read its sidecar captions, if any);
+    append the check's columns."""
     results = {name: [] for name, _ in _CHECK_FIELDS}
-    for uri in batch.column("uri").to_pylist():
-        check = _check_one(uri, limits)
+    sizes = batch.column("size").to_pylist() if "size" in batch.column_names else [None] * batch.num_rows
+    for location, size in zip(batch.column("uri").to_pylist(), sizes):
+        check = _check_one(location, size, limits)
         for name, _ in _CHECK_FIELDS:
             results[name].append(getattr(check, name))
     for name, type_ in _CHECK_FIELDS:
         batch = batch.append_column(name, pa.array(results[name], type=type_))
+    if "sidecar" in batch.column_names and batch.column("sidecar").null_count < batch.num_rows:
+        captions = [sidecar_captions(s) if s else c for s, c in zip(batch.column("sidecar").to_pylist(), batch.column("captions").to_pylist())]
+        batch = batch.set_column(batch.schema.get_field_index("captions"), "captions", pa.array(captions, pa.list_(pa.string())))
     return batch
 
 
-def _check_one(uri: str, limits: ImageLimits) -> ImageCheck:
-    data, reason, detail = read_image_bytes(uri, limits.max_bytes)
+def _check_one(location: str, size: int | None, limits: ImageLimits) -> ImageCheck:
+    if size is None:  # not stat'ed: one lookup before the read (a huge file is refused unread)
+        data, reason, detail = read_image_bytes(location, limits.max_bytes)
+    elif size > limits.max_bytes:
+        data, reason, detail = None, Reject.FILE_TOO_LARGE, f"{size} bytes > limit {limits.max_bytes}"
+    else:
+        data, reason, detail = _read(location)
     if data is None:
         return ImageCheck(False, reason=reason, detail=detail)
     return inspect_image(data, limits)
 
 
-def listing_sha256(path: str) -> str | None:
-    """The listing file's sha256; None for a folder source (listed anew each time)."""
-    p = Path(path)
-    if not p.is_file():
+def _read(location: str) -> tuple[bytes | None, str, str]:
+    """A file whose size is known: read it at once (through this process's filesystem per bucket)."""
+    try:
+        return uri.read_bytes(location), "", ""
+    except FileNotFoundError:
+        return None, Reject.MISSING_FILE, f"no file at {location}"
+    except OSError as e:
+        return None, Reject.UNREADABLE, f"{type(e).__name__}: {e}"
+
+
+def listing_sha256(location: str) -> str | None:
+    """The sha256 of a listing file (or of a single image source); None for a folder or prefix
+    (listed anew each time) or a location that cannot be read."""
+    try:
+        if not uri.is_file(uri.absolute(location)):
+            return None
+        fs, path = uri.filesystem(uri.absolute(location))
+        digest = hashlib.sha256()
+        with fs.open_input_stream(path) as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
         return None
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def ingest_listing(store_uri: str, icfg: IngestConfig, listing_path: str, run_id: str | None = None) -> IngestResult:
-    """Ingest `listing_path` into manifest version `icfg.dataset` under `store_uri`."""
-    listing = read_listing(listing_path, icfg)
+    """Ingest `listing_path` (a listing, a folder or prefix, or an image; a path or a URI) into
+    manifest version `icfg.dataset` under `store_uri`."""
+    listing = _with_stats(read_listing(listing_path, icfg, read_sidecars=False))
     result = IngestResult(dataset=icfg.dataset, source=icfg.source, listing=listing_path, input_rows=listing.num_rows, store_uri=store_uri)
-    manifest, captions, rejects = (Store(store_uri, n) for n in ("manifest", "captions", "rejects"))
+    manifest, captions, rejects, sources = (Store(store_uri, n) for n in ("manifest", "captions", "rejects", "sources"))
     lineage = Lineage(stage="ingest", inputs=[ListingInput("listing", listing_path, listing_sha256(listing_path))],
                       config=icfg.model_dump(mode="json"), code=code_version(), mlflow_run_id=run_id)
-    existing = {k[0] for k in manifest.keys(icfg.dataset)}
+    existing_ids = (manifest.read(icfg.dataset, columns=["image_id"]).column("image_id").combine_chunks()
+                    if manifest.commits(icfg.dataset) else pa.array([], pa.string()))
+    limits_key = stable_hash(icfg.limits.model_dump(mode="json"), 12)
+    recorded = sources.read(icfg.dataset) if sources.commits(icfg.dataset) else None
+    triage = _triage(listing, recorded, existing_ids, limits_key, icfg.limits.max_bytes)
+    existing = set(existing_ids.to_pylist())
     seen: dict[str, str] = {}  # image_id -> first uri of this run
-    reasons = Counter()
+    reasons = Counter(triage.known_reasons)
+    result.skipped, result.unchanged = triage.known_accepted, triage.known_accepted + sum(triage.known_reasons.values())
+    result.rejected = sum(triage.known_reasons.values())
 
-    blocks = [listing.slice(i, icfg.batch_size) for i in range(0, listing.num_rows, icfg.batch_size)] or [listing]
+    with (
+        manifest.begin(icfg.dataset, lineage, existing_keys={(i,) for i in existing}) as m_txn,
+        captions.begin(ORIGINAL_VERSION, lineage) as o_txn,
+        captions.begin(PROVIDED_VERSION, lineage) as p_txn,
+        rejects.begin(f"ingest.{icfg.dataset}", lineage) as r_txn,
+        sources.begin(icfg.dataset, lineage) as s_txn,
+    ):
+        out = {name: [] for name in ("manifest", "original", "provided", "rejects", "sources")}
+        txns = {"manifest": (m_txn, manifest), "original": (o_txn, captions), "provided": (p_txn, captions),
+                "rejects": (r_txn, rejects), "sources": (s_txn, sources)}
+
+        def flush(force: bool = False) -> None:
+            for name, rows in out.items():
+                if rows and (force or len(rows) >= FLUSH_ROWS):
+                    txn, store = txns[name]
+                    kept = txn.write(_table(rows, store))
+                    if name == "manifest":
+                        result.added += kept
+                    elif name in ("original", "provided"):
+                        result.captions_added += kept
+                    rows.clear()
+
+        now = utc_now()
+        out["rejects"] += triage.driver_rejects(now)
+        result.rejected += len(out["rejects"])
+        reasons.update(r["reason"] for r in out["rejects"])
+        for batch in _checked(triage.to_check, icfg):
+            now = utc_now()
+            result.opened += batch.num_rows
+            for row in batch.to_pylist():
+                reason = _one_result(row, icfg, now, existing, seen, out, limits_key)
+                if reason == "skipped":
+                    result.skipped += 1
+                elif reason != "added":  # counted when the manifest rows are written
+                    result.rejected += 1
+                    reasons[reason] += 1
+            flush()
+        flush(force=True)
+        # Captions first: a manifest row is never visible without its captions; `sources` last:
+        # a row is only recorded as seen once its image is in the manifest.
+        counts = {"input_rows": result.input_rows, "added": result.added, "skipped": result.skipped, "rejected": result.rejected,
+                  "unchanged": result.unchanged, "opened": result.opened}
+        for name, txn in (("captions.original", o_txn), ("captions.provided", p_txn), ("rejects", r_txn), ("manifest", m_txn),
+                          ("sources", s_txn)):
+            commit = txn.commit(counts)
+            result.commits[name] = commit.commit_id if commit else None
+    result.reject_reasons = dict(reasons)
+    if result.input_rows != result.added + result.skipped + result.rejected:
+        raise RuntimeError(f"ingest counts do not reconcile: {result}")
+    return result
+
+
+def _one_result(row: dict, icfg: IngestConfig, now, existing: set[str], seen: dict[str, str], out: dict[str, list],
+                limits_key: str) -> str:
+    """File one checked row into the stores' buffers; return 'added', 'skipped' (its image is in
+    the manifest already) or the reason it is rejected."""
+    def source(outcome: str, image_id: str | None, reason: str | None, checked_with: str) -> None:
+        if row["size"] is not None and row["mtime_ns"] is not None:
+            out["sources"].append({"uri": row["uri"], "size": row["size"], "mtime_ns": row["mtime_ns"], "checked_with": checked_with,
+                                   "outcome": outcome, "image_id": image_id, "reason": reason, "checked_at": now})
+
+    if not row["ok"]:
+        out["rejects"].append(reject_row("ingest", row["uri"] or f"row {row['row']}", row["reason"], row["detail"], now))
+        if row["reason"] in SETTLED_REJECTS:
+            source(REJECTED, None, row["reason"], limits_key)
+        return row["reason"]
+    image_id = image_id_for(row["sha256"])
+    if image_id in seen:
+        detail = f"same bytes as {seen[image_id]} (image_id {image_id})"
+        out["rejects"].append(reject_row("ingest", row["uri"], Reject.DUPLICATE, detail, now))
+        source(REJECTED, image_id, Reject.DUPLICATE, "")
+        return Reject.DUPLICATE
+    seen[image_id] = row["uri"]
+    source(ACCEPTED, image_id, None, "")
+    if image_id in existing:
+        return "skipped"
+    out["manifest"].append(
+        {
+            "image_id": image_id,
+            "uri": row["uri"],
+            "sha256": row["sha256"],
+            "width": row["width"],
+            "height": row["height"],
+            "mode": row["mode"],
+            "split": row["split"] or assign_split(image_id, icfg.split_fractions),
+            "captions": row["captions"],
+            "metadata": row["metadata"],
+            "ingested_at": now,
+        }
+    )
+    out["original"] += caption_rows(image_id, row["captions"], ORIGINAL_VERSION, "original", now)
+    out["provided"] += caption_rows(image_id, row["dense_captions"], PROVIDED_VERSION, "dense", now)
+    return "added"
+
+
+def _checked(rows: pa.Table, icfg: IngestConfig):
+    """The rows' check results, in batches, from Ray Data tasks (nothing to do: no Ray at all)."""
+    if rows.num_rows == 0:
+        return
+    blocks = [rows.slice(i, icfg.batch_size) for i in range(0, rows.num_rows, icfg.batch_size)]
     checked = ray.data.from_arrow(blocks).map_batches(
         check_images,
         fn_kwargs={"limits": icfg.limits},
@@ -101,60 +256,76 @@ def ingest_listing(store_uri: str, icfg: IngestConfig, listing_path: str, run_id
         batch_size=icfg.batch_size,
         compute=ray.data.TaskPoolStrategy(size=icfg.concurrency) if icfg.concurrency else None,
     )
-    with (
-        manifest.begin(icfg.dataset, lineage) as m_txn,
-        captions.begin(ORIGINAL_VERSION, lineage) as o_txn,
-        captions.begin(PROVIDED_VERSION, lineage) as p_txn,
-        rejects.begin(f"ingest.{icfg.dataset}", lineage) as r_txn,
-    ):
-        for batch in checked.iter_batches(batch_format="pyarrow", batch_size=icfg.batch_size):
-            now = utc_now()
-            m_rows, o_rows, p_rows, r_rows = [], [], [], []
-            for row in batch.to_pylist():
-                if not row["ok"]:
-                    r_rows.append(reject_row("ingest", row["uri"] or f"row {row['row']}", row["reason"], row["detail"], now))
-                    continue
-                image_id = image_id_for(row["sha256"])
-                if image_id in seen:
-                    detail = f"same bytes as {seen[image_id]} (image_id {image_id})"
-                    r_rows.append(reject_row("ingest", row["uri"], Reject.DUPLICATE, detail, now))
-                    continue
-                seen[image_id] = row["uri"]
-                if image_id in existing:
-                    result.skipped += 1
-                    continue
-                m_rows.append(
-                    {
-                        "image_id": image_id,
-                        "uri": row["uri"],
-                        "sha256": row["sha256"],
-                        "width": row["width"],
-                        "height": row["height"],
-                        "mode": row["mode"],
-                        "split": row["split"] or assign_split(image_id, icfg.split_fractions),
-                        "captions": row["captions"],
-                        "metadata": row["metadata"],
-                        "ingested_at": now,
-                    }
-                )
-                o_rows += caption_rows(image_id, row["captions"], ORIGINAL_VERSION, "original", now)
-                p_rows += caption_rows(image_id, row["dense_captions"], PROVIDED_VERSION, "dense", now)
-            result.rejected += len(r_rows)
-            reasons.update(r["reason"] for r in r_rows)
-            result.added += m_txn.write(_table(m_rows, manifest)) if m_rows else 0
-            result.captions_added += o_txn.write(_table(o_rows, captions)) if o_rows else 0
-            result.captions_added += p_txn.write(_table(p_rows, captions)) if p_rows else 0
-            if r_rows:
-                r_txn.write(_table(r_rows, rejects))
-        # Captions first: a manifest row is never visible without its captions.
-        counts = {"input_rows": result.input_rows, "added": result.added, "skipped": result.skipped, "rejected": result.rejected}
-        for name, txn in (("captions.original", o_txn), ("captions.provided", p_txn), ("rejects", r_txn), ("manifest", m_txn)):
-            commit = txn.commit(counts)
-            result.commits[name] = commit.commit_id if commit else None
-    result.reject_reasons = dict(reasons)
-    if result.input_rows != result.added + result.skipped + result.rejected:
-        raise RuntimeError(f"ingest counts do not reconcile: {result}")
-    return result
+    yield from checked.iter_batches(batch_format="pyarrow", batch_size=icfg.batch_size)
+
+
+def _with_stats(listing: pa.Table) -> pa.Table:
+    """The listing with every row's size and mtime (`found`: False when the file is not there,
+    null when nobody could tell), one listing per folder or prefix for the rows that lack them."""
+    if listing.column("size").null_count == 0:
+        return listing.append_column("found", pa.array(np.ones(listing.num_rows, dtype=bool)))
+    stats = stat_locations(listing.column("uri"))
+    narrow = pa.table({"row": listing.column("row"), "uri": listing.column("uri")})
+    joined = narrow.join(stats, keys="uri", join_type="left outer").sort_by("row")  # one stat per uri: n rows, in order
+    listing = listing.set_column(listing.schema.get_field_index("size"), "size", joined.column("size"))
+    listing = listing.set_column(listing.schema.get_field_index("mtime_ns"), "mtime_ns", joined.column("mtime_ns"))
+    return listing.append_column("found", joined.column("found"))
+
+
+@dataclass
+class _Triage:
+    """Where each listing row goes before any image is opened."""
+
+    listing: pa.Table
+    driver: np.ndarray  # rejected from its listing entry alone: no path, no file, over max_bytes
+    to_check: pa.Table  # new or changed: opened in Ray Data
+    known_accepted: int = 0  # its identity is recorded and its image is in the manifest: skipped unopened
+    known_reasons: dict[str, int] = field(default_factory=dict)  # recorded rejects: rejected again unopened
+    max_bytes: int = 0
+
+    def driver_rejects(self, now) -> list[dict]:
+        rows = self.listing.filter(pa.array(self.driver)).select(["row", "uri", "size", "found"]).to_pylist()
+        out = []
+        for r in rows:
+            if not r["uri"]:
+                out.append(reject_row("ingest", f"row {r['row']}", Reject.MISSING_FILE, "no image path", now))
+            elif r["found"] is False:
+                out.append(reject_row("ingest", r["uri"], Reject.MISSING_FILE, f"no file at {r['uri']}", now))
+            else:
+                out.append(reject_row("ingest", r["uri"], Reject.FILE_TOO_LARGE, f"{r['size']} bytes > limit {self.max_bytes}", now))
+        return out
+
+
+def _triage(listing: pa.Table, recorded: pa.Table | None, existing_ids: pa.Array, limits_key: str, max_bytes: int) -> _Triage:
+    n = listing.num_rows
+    empty = pc.equal(listing.column("uri"), "").to_numpy(zero_copy_only=False)
+    missing = pc.fill_null(pc.equal(listing.column("found"), False), False).to_numpy(zero_copy_only=False)
+    too_big = pc.fill_null(pc.greater(listing.column("size"), max_bytes), False).to_numpy(zero_copy_only=False)
+    driver = empty | missing | too_big
+    known = np.zeros(n, dtype=bool)
+    accepted = 0
+    reasons: dict[str, int] = {}
+    if recorded is not None and recorded.num_rows and n:
+        keys = ["uri", "size", "mtime_ns"]
+        narrow = listing.select(["row", *keys])
+        # accepted images (and duplicates of them) are recorded under '' (limits do not matter once an
+        # image is in the manifest); other rejects under the limits they failed
+        for checked_with in ("", limits_key):
+            entries = recorded.filter(pc.equal(recorded.column("checked_with"), checked_with)).select([*keys, "outcome", "image_id", "reason"])
+            if entries.num_rows == 0:
+                continue
+            match = narrow.join(entries, keys=keys, join_type="left outer").sort_by("row")  # keys are unique: n rows
+            hit = pc.is_valid(match.column("outcome"))
+            if checked_with == "":  # only while its image is still in the manifest version
+                hit = pc.and_(hit, pc.fill_null(pc.is_in(match.column("image_id"), value_set=existing_ids), False))
+            hit = hit.to_numpy(zero_copy_only=False) & ~known & ~driver
+            known |= hit
+            outcome = match.column("outcome").filter(pa.array(hit))
+            accepted += int(pc.sum(pc.equal(outcome, ACCEPTED)).as_py() or 0)
+            for item in pc.value_counts(match.column("reason").filter(pa.array(hit)).drop_null()).to_pylist():
+                reasons[item["values"]] = reasons.get(item["values"], 0) + item["counts"]
+    to_check = listing.filter(pa.array(~(driver | known))).select(_CHECK_INPUT)
+    return _Triage(listing, driver, to_check, accepted, reasons, max_bytes)
 
 
 def _table(rows: list[dict], store: Store) -> pa.Table:

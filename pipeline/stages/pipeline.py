@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import PIPELINE_STAGES, EvalModel, PipelineConfig, config_to_dict
@@ -26,6 +25,7 @@ from pipeline.plans import StagePlan
 from pipeline.records import Tracked, hidden, label
 from pipeline.stages import corpus, embed, evaluate, finetune_text, ingest, recaption, sweep, tracking, train_clip
 from pipeline.stages.tracking import Tracker
+from pipeline.uri import is_file, join, read_text
 from pipeline.versioning import stable_hash
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,9 @@ def plan_sweep(cfg: PipelineConfig) -> StagePlan:
         name = sweep.sweep_name(cfg)
     except ValueError as e:
         return StagePlan("sweep", "", False, f"inputs not written yet ({str(e).split(';')[0]})")
-    best = Path(cfg.run_dir) / "sweeps" / name / "best_train_clip.yaml"
-    return StagePlan("sweep", str(best), best.is_file(), "best config written" if best.is_file() else f"{cfg.sweep.trials} trials")
+    best = join(sweep.sweeps_dir(cfg), name, sweep.BEST_CONFIG)
+    written = is_file(best)
+    return StagePlan("sweep", best, written, "best config written" if written else f"{cfg.sweep.trials} trials")
 
 
 STAGES = (
@@ -269,7 +270,7 @@ def run_pipeline(cfg: PipelineConfig, tracker: Tracker) -> PipelineResult:
                 child.log_metrics({"wall_seconds": time.perf_counter() - began})
             stage.hand_over(stage_cfg, plan, out, h)
             if stage.name == "evaluate":
-                result.report_markdown = (Path(h.report) / "results.md").read_text()
+                result.report_markdown = read_text(join(h.report, "results.md"))
             record = StageRecord(stage.name, "ran", _output_of(stage.name, h) or plan.shown_output, plan.reason,
                                  time.perf_counter() - began, child.run_id)
             result.stages.append(record)
@@ -278,10 +279,10 @@ def run_pipeline(cfg: PipelineConfig, tracker: Tracker) -> PipelineResult:
         crash_point(f"pipeline.after.{stage.name}")
         if stage.name == chosen[-1]:
             break
-    if h.report and result.report_markdown is None and (Path(h.report) / "results.md").is_file():
-        result.report_markdown = (Path(h.report) / "results.md").read_text()
-    if h.report and (Path(h.report) / evaluate.DONE_FILE).is_file():
-        rows = json.loads((Path(h.report) / evaluate.DONE_FILE).read_text())["rows"]
+    if h.report and result.report_markdown is None and is_file(join(h.report, "results.md")):
+        result.report_markdown = read_text(join(h.report, "results.md"))
+    if h.report and is_file(join(h.report, evaluate.DONE_FILE)):
+        rows = json.loads(read_text(join(h.report, evaluate.DONE_FILE)))["rows"]
         if rows:
             # MLflow's table viewer reads a dot in a column name as a path into the row: cells stay empty
             tracker.log_table({k.replace(".", " "): [r.get(k) for r in rows] for k in rows[0]}, "comparison.json")

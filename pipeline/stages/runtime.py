@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 
 import ray
 
-from pipeline.config import RayConfig
+from pipeline.config import RayConfig, pool_bounds
 from pipeline.faults import fault_env
+from pipeline.uri import storage_env
 
 
 def read_cluster_env(run_dir: str) -> dict[str, str]:
@@ -56,7 +58,7 @@ def connect(cfg: RayConfig, run_dir: str) -> str:
     if cfg.address == "local":
         return _start_local(cfg)
     if cfg.address != "auto":
-        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=True, runtime_env=_drill_env())
+        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=True, runtime_env=worker_runtime_env())
         return cfg.address
     if "RAY_ADDRESS" not in os.environ:
         # Join the project's local cluster if it is up; its env carries the auth token path.
@@ -68,15 +70,27 @@ def connect(cfg: RayConfig, run_dir: str) -> str:
         # ray.init retries a dead GCS for minutes; a quick probe fails fast instead.
         if not _reachable(address):
             raise ConnectionError(f"RAY_ADDRESS={address} does not answer; start the cluster (cluster/local.sh up) or unset RAY_ADDRESS")
-        ray.init(address=address, namespace=cfg.namespace, runtime_env=_drill_env())
+        ray.init(address=address, namespace=cfg.namespace, runtime_env=worker_runtime_env())
         return address
     return _start_local(cfg)
 
 
-def _drill_env() -> dict | None:
-    """Armed fault-drill crash points reach the job's workers and actors too."""
-    env = fault_env()
+def worker_runtime_env() -> dict | None:
+    """What this job's workers and actors must see of the driver's environment: the storage
+    settings it was given (AWS_*, AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI...), so every node reads
+    the same bucket, and armed fault-drill crash points. Ray workers see their node's
+    environment, not the driver's. Variables a submitted job's own runtime_env sets already
+    reach them, and naming them again would be a conflict for Ray."""
+    env = {**storage_env(), **fault_env()}
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    env = {k: v for k, v in env.items() if k not in (submitted.get("env_vars") or {})}
     return {"env_vars": env} if env else None
+
+
+def actor_pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
+    """Ray Data's pool for a configured size: fixed N, or autoscaling between [min, max]."""
+    low, high = pool_bounds(size)
+    return ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
 def _reachable(address: str, timeout: float = 2.0) -> bool:
@@ -95,5 +109,5 @@ def _reachable(address: str, timeout: float = 2.0) -> bool:
 def _start_local(cfg: RayConfig) -> str:
     # With the dashboard: Ray Train frees the placement group of a run whose controller died (a
     # sweep's early-stopped trial) only after the State API, which the dashboard serves, says so.
-    ray.init(num_cpus=cfg.local_num_cpus, namespace=cfg.namespace, include_dashboard=True)
+    ray.init(num_cpus=cfg.local_num_cpus, namespace=cfg.namespace, include_dashboard=True, runtime_env=worker_runtime_env())
     return ray.get_runtime_context().gcs_address

@@ -30,6 +30,7 @@ import importlib.util
 import math
 import os
 import shlex
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,13 @@ from pipeline.stages.features import FeatureResult, compute_features, feature_id
 from pipeline.stages.tracking import Tracker, open_run
 from pipeline.stages.trainer import finished_run, fit
 from pipeline.store import Store
+from pipeline.uri import join, write_bytes
+from pipeline.uri import name as uri_name
 from pipeline.sweep_report import TrialRow, best_config_yaml, parallel_coordinates, trials_table
 from pipeline.training import TrainState
 from pipeline.versioning import stable_hash
+
+BEST_CONFIG = "best_train_clip.yaml"  # written last: its presence means the sweep is done
 
 TRIAL_KEY = "llm2clip.trial_id"
 SWEEP_KEY = "llm2clip.sweep"
@@ -396,7 +401,7 @@ def _row(result, metric: str, max_t: int, tracker: Tracker, name: str) -> TrialR
     # Tune names a trial's folder by its id (`_trial_dirname`), but a resumed sweep gives a trial
     # whose folder the killed run had already made a new one (`<id>_<suffix>`): the id its results
     # carry is the one its MLflow run and Train run are named by.
-    trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "?")
+    trial_id = metrics.get("trial_id") or (uri_name(result.path) if result.path else "?")
     epochs = int(metrics.get("training_iteration", 0))
     value = metrics.get(metric)
     return TrialRow(trial_id=trial_id, params=dict(result.config or {}), metric=None if value is None else float(value), epochs=epochs,
@@ -417,16 +422,23 @@ def _report(cfg: PipelineConfig, result: SweepResult, tracker: Tracker) -> None:
     pool = [r for r in ranked if r.status == "finished"] or ranked
     best = max(pool, key=lambda r: r.metric)
     result.best_trial, result.best_metric, result.best_params = best.trial_id, round(best.metric, 4), best.params
-    out = Path(cfg.run_dir) / "sweeps" / result.name
-    out.mkdir(parents=True, exist_ok=True)
-    best_yaml = out / "best_train_clip.yaml"
-    best_yaml.write_text(best_config_yaml(cfg.model_dump(mode="json"), best, sw.metric, result.name))
-    result.best_config_path = str(best_yaml)
+    out = join(sweeps_dir(cfg), result.name)
     figure = parallel_coordinates(result.rows, sw.metric, title=f"{result.name}: {len(ranked)} trials "
                                   f"({result.stopped_early} stopped early, dashed); colour: {sw.metric}")
-    figure.savefig(out / "parallel_coordinates.png", dpi=110)
+    with tempfile.TemporaryDirectory(prefix="sweep-report-") as local:
+        best_yaml = Path(local) / BEST_CONFIG
+        best_yaml.write_text(best_config_yaml(cfg.model_dump(mode="json"), best, sw.metric, result.name))
+        figure.savefig(Path(local) / "parallel_coordinates.png", dpi=110)
+        tracker.log_artifact(best_yaml, "sweep")
+        write_bytes(join(out, "parallel_coordinates.png"), (Path(local) / "parallel_coordinates.png").read_bytes())
+        write_bytes(join(out, BEST_CONFIG), best_yaml.read_bytes())  # last: its presence means the sweep is done
+    result.best_config_path = join(out, BEST_CONFIG)
     tracker.log_figure(figure, "sweep/parallel_coordinates.png")
     tracker.log_table(trials_table(result.rows, sw.metric), "sweep/trials.json")
     tracker.log_metrics({f"best/{sw.metric}": best.metric})
     tracker.set_tags({"llm2clip.sweep.best_trial": best.trial_id})
-    tracker.log_artifact(best_yaml, "sweep")
+
+
+def sweeps_dir(cfg: PipelineConfig) -> str:
+    """Where sweeps write their best config and plot: on storage."""
+    return join(cfg.storage, "sweeps")

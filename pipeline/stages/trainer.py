@@ -36,6 +36,7 @@ from pipeline.config import OptimizerSettings, TrainerSettings
 from pipeline.faults import crash_point
 from pipeline.lineage import ModelLineage
 from pipeline.model_refs import is_remote_uri
+from pipeline.uri import join
 from pipeline.stages.checkpoint import Checkpoint
 from pipeline.training import StepTimes, TrainState, deepspeed_config, lr_factor, ray_data_blocked_seconds
 
@@ -330,8 +331,10 @@ class FitResult:
     outcome: WorkerOutcome
 
 
-def storage_path(trainer: TrainerSettings, run_dir: str) -> str:
-    return trainer.storage_path or str(Path(run_dir) / "ray_results")
+def storage_path(trainer: TrainerSettings, storage: str) -> str:
+    """Where the run's checkpoints and outputs go: its own setting, else {storage}/ray_results
+    (`PipelineConfig.storage`: shared storage every node reaches)."""
+    return trainer.storage_path or join(storage, "ray_results")
 
 
 def fit(task: TrainTask, plan: TrainPlan, datasets: dict[str, Any], storage: str, splits: list[str] | None = None,
@@ -350,7 +353,7 @@ def fit(task: TrainTask, plan: TrainPlan, datasets: dict[str, Any], storage: str
     t = plan.trainer
     trainer = TorchTrainer(
         functools.partial(_train_worker, task, plan),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker, **t.resources_per_worker}),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=splits or ["train"]),
         run_config=RunConfig(
@@ -402,7 +405,8 @@ def train(task: TrainTask, plan: TrainPlan, datasets: dict[str, Any], storage: s
     fitted = fit(task, plan, datasets, storage)
     dest = f"{storage.rstrip('/')}/{plan.run_name}/outputs/{artifact}-step{fitted.state.step}"
     lineage_json = json.dumps(replace(lineage, steps=fitted.state.step).to_json(), indent=2)
-    resources = {"num_cpus": plan.trainer.cpus_per_worker, "num_gpus": 1 if plan.trainer.use_gpu else 0}
+    resources = {"num_cpus": plan.trainer.cpus_per_worker, "num_gpus": 1 if plan.trainer.use_gpu else 0,
+                 "resources": plan.trainer.resources_per_worker}
     path, version = ray.get(_save_model.options(**resources).remote(task, fitted.checkpoint, dest, artifact, lineage_json, plan.tracking_uri,
                                                                    plan.mlflow_run_id))
     return Trained(fitted, path, version, f"runs:/{plan.mlflow_run_id}/{artifact}" if plan.tracking_uri else None)
