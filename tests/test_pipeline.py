@@ -33,11 +33,11 @@ from pipeline.config import load_config
 from pipeline.plans import read_result
 from pipeline.stages.pipeline import plan_pipeline
 from pipeline.stages.train_clip import TrainClipResult
-from tests.conftest import (MODELS_DIR, connect_here, job_env, job_output, load_result, run_job_here, wait_for_checkpoint, wait_until,
+from pipeline.stages.runtime import worker_runtime_env
+from tests.conftest import (MODELS_DIR, REPO, TEST_RUN_DIR, connect_here, job_env, job_output, load_result, run_job_here, wait_for_checkpoint, wait_until,
                             write_config)
 from tests.invariants import assert_kept, check_stores
 
-REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = "llm2clip-tests-pipeline"
 STAGES = ["ingest", "recaption", "embed", "corpus", "finetune-text", "embed-finetuned", "train-clip", "evaluate"]
 MODELS = ("tiny-llama", "tiny-clip-vision", "tiny-clip-text", "smollm2-135m-instruct")
@@ -62,7 +62,7 @@ def _config(root: Path, cluster, bucket: str, node: str) -> Path:
                        "builtin_eval": [], "baseline": False, "register_as": "llm2clip-tests-pipeline-encoder", "eval_split": "test",
                        "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         train_clip={"num_workers": 2, "cpus_per_worker": 0.5, "precision": "fp32", "embed_dim": 32, "global_batch_size": 8,
-                    "lr": 1.0e-3, "epochs": 4, "checkpoint_every": 2, "max_failures": 3, "register_as": "llm2clip-tests-pipeline-model",
+                    "lr": 1.0e-3, "epochs": 3, "checkpoint_every": 2, "max_failures": 3, "register_as": "llm2clip-tests-pipeline-model",
                     "register_alias": "candidate", "caption_weights": {"provided": 0.5, "original": 0.5},
                     "resources_per_worker": on_node},
         evaluate={"sets": [{"name": "heldout", "kind": "dataset", "split": "test"}], "cra_sets": ["everyday-pairs"],
@@ -77,6 +77,43 @@ def _start(config: Path, cluster, env: dict[str, str], log: str, **extra) -> sub
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.log_path = Path(out.name)
     return proc
+
+
+def test_the_second_nodes_workers_see_none_of_the_heads_disk(second_node, tmp_path):
+    head_file = TEST_RUN_DIR / "rig-probe.txt"
+    head_file.write_text("only on the head")
+    models = REPO / ".run" / "models"
+    paths = [head_file, TEST_RUN_DIR / "ray", models, *second_node.hidden]
+
+    @ray.remote(num_cpus=0.1, resources={second_node.resource: 1})
+    def probe(paths: list[str]) -> dict:
+        import pipeline
+
+        scratch = os.environ["LLM2CLIP_RUN_DIR"]
+        with open(os.path.join(scratch, "written-on-node2.txt"), "w") as f:
+            f.write("only on node 2")
+        return {"node": ray.get_runtime_context().get_node_id(), "mnt": os.readlink("/proc/self/ns/mnt"), "parent": os.getppid(),
+                "exists": {p: os.path.exists(p) for p in paths}, "listed": {p: os.listdir(p) for p in paths if os.path.isdir(p)},
+                "scratch": scratch, "aws": sorted(k for k in os.environ if k.startswith("AWS_")), "code": pipeline.__file__}
+
+    seen = ray.get(probe.remote([str(p) for p in paths]))
+    assert seen["node"] == second_node.node_id() and seen["node"] != ray.get_runtime_context().get_node_id()
+    # A worker the raylet started, in the raylet's mount namespace, not the head's.
+    raylet = second_node.raylet_pid()
+    assert seen["parent"] == raylet
+    assert seen["mnt"] == os.readlink(f"/proc/{raylet}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    assert head_file.exists() and not seen["exists"][str(head_file)]
+    assert not seen["exists"][str(TEST_RUN_DIR / "ray")] and not seen["exists"][str(models)]
+    assert all(listing == [] for listing in seen["listed"].values()), seen["listed"]  # hidden folders: empty
+    # Its own scratch, which the head does not see; the repository's code it runs.
+    assert seen["scratch"] == str(second_node.scratch) and not (second_node.scratch / "written-on-node2.txt").exists()
+    assert seen["code"] == str(REPO / "pipeline" / "__init__.py")
+    # No storage settings of its own (the raylet has no AWS_*): exactly what this driver hands on
+    # to its job's workers (runtime_env), which the pipeline's jobs do as well.
+    raylet_env = open(f"/proc/{raylet}/environ", "rb").read().split(b"\0")
+    assert not [v for v in raylet_env if v.startswith(b"AWS_")], raylet_env
+    handed = sorted(k for k in worker_runtime_env()["env_vars"] if k.startswith("AWS_"))
+    assert seen["aws"] == handed and "AWS_ENDPOINT_URL" in handed, (seen["aws"], handed)
 
 
 @pytest.fixture(scope="module")

@@ -211,7 +211,9 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(trained, store
         got = best.train_clip.caption_weights["provided"] if field == "caption_weights.provided" else getattr(best.train_clip, field)
         assert got == value
     assert best.train_clip.epochs == load_config(config).train_clip.epochs  # the retrain's budget is the base config's
-    assert result.best_metric == round(max(r["mean_R1"] for r in rows if r["status"] == "finished"), 4)
+    # among the trials ASHA let finish; when it stopped every one early (timing decides), among all
+    pool = [r["mean_R1"] for r in rows if r["status"] == "finished"] or [r["mean_R1"] for r in rows if r["mean_R1"] is not None]
+    assert result.best_metric == round(max(pool), 4)
     artifacts = {a.path for a in client.list_artifacts(parent_id, "sweep")}
     assert {"sweep/parallel_coordinates.png", "sweep/trials.json", "sweep/best_train_clip.yaml"} <= artifacts
     # the frozen tower's features, once per sample image, in a version of the feature store
