@@ -306,6 +306,9 @@ def _tally(block: pa.Table) -> tuple[Counter, dict[str, list[str]]]:
     return Counter(block.column("split").to_pylist()), missing
 
 
+ROWS_PER_PARTITION = 100_000
+
+
 def join_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan, fs, root: str) -> SamplesMeta:
     """Join captions (and their embeddings) into one row per image and that to the manifest, in
     Ray Data; count and leave out images without a usable caption; number the samples; write
@@ -313,7 +316,10 @@ def join_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan,
     tc = cfg.train_clip
     payload = PAYLOAD[source.tower]
     caption_store, manifest = Store(cfg.store.uri, "captions"), Store(cfg.store.uri, "manifest")
-    partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    # A hash partition (one aggregator process each) per ~100k caption rows, up to the cluster's
+    # CPUs: a small join spread over every CPU of a big cluster pays more in processes than it saves.
+    caption_rows = sum(caption_store.num_rows(v) for v in captions.versions)
+    partitions = max(2, min(int(ray.cluster_resources().get("CPU", 2)), caption_rows // ROWS_PER_PARTITION + 1))
     rows = ray.data.read_parquet([f for v in captions.versions for f in caption_store.files(v)], filesystem=caption_store.fs).select_columns(
         ["caption_id", "image_id", "caption_version"] + (["text"] if payload == "text" else []))
     if payload == "embedding":
