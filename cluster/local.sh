@@ -198,12 +198,7 @@ EOF
 }
 
 stop_storage() {
-  if [ -f "$s3_dir/server.pid" ]; then
-    local pid; pid=$(cat "$s3_dir/server.pid")
-    kill -- -"$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    rm -f "$s3_dir/server.pid"
-  fi
+  stop_server "$s3_dir/server.pid"
   echo "s3: stopped"
 }
 
@@ -281,14 +276,18 @@ kill_raylet() {
   echo "node2: SIGKILL sent to raylet $raylet"
 }
 
+# A server started with setsid, its pid in $1: kill its whole group (MLflow's gunicorn/uvicorn
+# workers), wait for it, forget it.
+stop_server() {
+  [ -f "$1" ] || return 0
+  local pid; pid=$(cat "$1")
+  kill -- -"$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  rm -f "$1"
+}
+
 stop_mlflow() {
-  if [ -f "$mlflow_dir/server.pid" ]; then
-    local pid; pid=$(cat "$mlflow_dir/server.pid")
-    # The server runs in its own session: kill the whole group (gunicorn/uvicorn workers).
-    kill -- -"$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    rm -f "$mlflow_dir/server.pid"
-  fi
+  stop_server "$mlflow_dir/server.pid"
   echo "mlflow: stopped"
 }
 

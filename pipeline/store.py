@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 from pipeline.faults import crash_point
 from pipeline.lineage import Lineage
 from pipeline.records import from_json, to_json
+from pipeline.uri import filesystem
 from schemas import STORE_KEYS, STORE_SCHEMAS, VECTOR_STORES
 
 R = TypeVar("R")
@@ -53,10 +53,9 @@ class VersionNotFoundError(StoreError):
 
 
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a pyarrow filesystem URI."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-    return pafs.FileSystem.from_uri(uri)
+    """(filesystem, path) for a local path or a pyarrow filesystem URI (`pipeline.uri.filesystem`:
+    one filesystem per bucket and process)."""
+    return filesystem(uri)
 
 
 def utc_now() -> datetime:

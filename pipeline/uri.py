@@ -67,7 +67,7 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         with _LOCK:
             _FILESYSTEMS[key] = fs
         return fs, path
-    return fs, rest
+    return fs, rest.rstrip("/")  # as from_uri gives it
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:

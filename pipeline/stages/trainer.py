@@ -36,7 +36,7 @@ from pipeline.config import OptimizerSettings, TrainerSettings
 from pipeline.faults import crash_point
 from pipeline.lineage import ModelLineage
 from pipeline.model_refs import is_remote_uri
-from pipeline.uri import join
+from pipeline.uri import join, upload_dir
 from pipeline.stages.checkpoint import Checkpoint
 from pipeline.training import StepTimes, TrainState, deepspeed_config, lr_factor, ray_data_blocked_seconds
 
@@ -430,9 +430,7 @@ def publish_dir(local: str | Path, dest: str) -> str:
     """Copy a finished local folder to `dest` (a local path or a filesystem URI) and return
     `dest`. Locally the folder appears at once, by rename, or not at all."""
     if is_remote_uri(dest):
-        import pyarrow.fs as pafs
-
-        pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem())
+        upload_dir(local, dest)
         return dest
     target = Path(dest.removeprefix("file://"))
     target.parent.mkdir(parents=True, exist_ok=True)
