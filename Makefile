@@ -87,6 +87,8 @@ bench: models
 	$(PY) -m bench.vllm_engine
 	$(PY) -m bench.train_clip
 	$(PY) -m bench.ingest_refresh
+	$(PY) -m bench.image_reads
+	$(PY) -m bench.scale --out bench/results/scale.json
 
 clean-runs:
 	cluster/local.sh down || true

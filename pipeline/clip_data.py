@@ -90,7 +90,7 @@ def prepare_batch(batch: pa.Table, size: int, payload: str, max_bytes: int, trai
         return out
     picks = [draw_caption(versions, weights or {}, rng) for versions in rows["caption_version"]]
     out["caption_version"] = np.asarray([v[k] if k is not None else "" for v, k in zip(rows["caption_version"], picks)], dtype=object)
-    if payload == "embedding":
+    if payload == "embedding":  # float16 (or older float32) in the store, float32 for training
         dim = next((len(e[0]) for e in rows["embedding"] if e), 0)
         out["embedding"] = np.stack([np.asarray(e[k], dtype=np.float32) if k is not None else np.zeros(dim, np.float32)
                                      for e, k in zip(rows["embedding"], picks)]) if n else np.zeros((0, dim), np.float32)

@@ -142,8 +142,9 @@ class IngestConfig(Section):
     source: str = Field(
         "embedded",
         description="'embedded' (synthetic scenes + sample photos), a folder or prefix of images, one image, "
-        "or a listing file (.jsonl, .parquet, .csv) with an image path/URI column and captions; a local path or a "
-        "URI (s3://, gs://, file://)",
+        "a listing file (.jsonl, .parquet, .csv) with an image path/URI column and captions, or WebDataset tar shards "
+        "(a brace pattern such as s3://b/cc3m/{00000..00331}.tar, one .tar, or a folder or prefix of .tar files: an "
+        "img2dataset output folder); a local path or a URI (s3://, gs://, file://)",
     )
     dataset: str = Field("embedded", description="manifest version the images are added to")
     image_column: str = "image"
@@ -155,6 +156,8 @@ class IngestConfig(Section):
     limits: ImageLimits = Field(default_factory=ImageLimits)
     batch_size: int = Field(64, ge=1, description="images per Ray Data batch")
     concurrency: int | None = Field(None, ge=1, description="parallel Ray Data tasks (None: Ray decides)")
+    commit_seconds: float = Field(60.0, ge=0, description="WebDataset shards: commit the shards read so far at most this often "
+                                  "(between whole shards); a killed ingest keeps them and its re-run skips them")
 
     @field_validator("split_fractions")
     @classmethod
@@ -188,6 +191,11 @@ class EmbedConfig(Section):
     resources_per_actor: Resources = Field(default_factory=dict, description="custom Ray resources per actor")
     batch_size: int = Field(256, ge=1, description="captions per Ray Data batch; sorted by length inside")
     micro_batch_size: int = Field(32, ge=1, description="captions per forward pass")
+    store_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="element type of the stored embeddings of a new version: float16 takes half the bytes (cosines "
+        "within 1e-3 of float32); a value beyond float16's +-65504 fails the run, use float32 then. A version keeps the type "
+        "it was first written in; not part of encoder_version. Readers compute in float32 either way",
+    )
     cra_split: Literal["train", "val", "test"] | None = Field(
         "test", description="held-out split on which to report CRA after embedding (None: skip)"
     )
@@ -571,7 +579,8 @@ class EvaluateConfig(Section):
                                 "(everyday-pairs, long-captions, scenes) or files with columns first, second")
     templates: PathOrUri | None = Field(None, description="zero-shot prompt templates, one per line with {} for the class "
                                         "name; default configs/zeroshot_templates.txt")
-    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="recall@K cut-offs")
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="recall@K cut-offs; 1, 5 and 10 are always "
+                          "reported (CLIP_benchmark's result files need them)")
     actors: PoolSize = Field(1, description="embedding actors per model (one model load each): N, or [min, max]")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
@@ -687,6 +696,25 @@ class SweepConfig(Section):
         return v
 
 
+# ---------------------------------------------------------------- export
+class ExportConfig(Section):
+    """`jobs.export`: a manifest version as WebDataset shards for open_clip (`pipeline.stages.export`)."""
+
+    uri: PathOrUri | None = Field(None, description="output folder or prefix (a path or s3://...); default "
+                                  "{storage}/export/{dataset}, {storage}/export/{dataset}.{split} for one split")
+    dataset: str | None = Field(None, description="manifest version to export (default ingest.dataset)")
+    split: Literal["train", "val", "test"] | None = Field(None, description="export this split only (None: every image)")
+    caption_versions: list[str] = Field(default_factory=lambda: ["original", "provided"], min_length=1,
+                                        description="captions in each sample's .json, in this order; its .txt is the first "
+                                        "('recaption': the version the recaption section writes)")
+    encoder_version: str | None = Field(None, description="embedding-store version (enc-...) whose caption embeddings go in "
+                                        "each sample's .npy, one row per caption; None: no .npy")
+    embedding_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of the .npy members")
+    samples_per_shard: int = Field(10_000, ge=1, description="images per tar shard (img2dataset's default); one task holds a "
+                                   "shard's captions and embeddings in memory while it streams the images")
+    concurrency: int | None = Field(None, ge=1, description="shards written at once (None: Ray decides)")
+
+
 # ---------------------------------------------------------------- the whole run
 PipelineStage = Literal["ingest", "recaption", "embed", "corpus", "finetune-text", "embed-finetuned", "train-clip", "evaluate", "sweep"]
 PIPELINE_STAGES: tuple[str, ...] = get_args(PipelineStage)
@@ -722,6 +750,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     pipeline: PipelineJobConfig = Field(default_factory=PipelineJobConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @property
     def storage(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import metrics
+from pipeline.clip_benchmark import RECALL_KS
 from pipeline.eval_report import EvalReport, SetResult
 from pipeline.eval_views import CraView, RetrievalView, Views, ZeroShotView
 
@@ -22,8 +23,13 @@ def cra_result(view: CraView) -> SetResult:
     return SetResult(view.name, "cra", f"{metrics.cra_protocol(n)}; {view.source}", {"cra": 1 / (2 * n - 1)})
 
 
+def retrieval_ks(ks: list[int]) -> list[int]:
+    """The configured recall@K cut-offs and CLIP_benchmark's 1, 5, 10, which its result files need."""
+    return sorted(set(ks) | set(RECALL_KS))
+
+
 def retrieval_result(view: RetrievalView, ks: list[int]) -> SetResult:
-    return SetResult(view.name, "retrieval", view.protocol, metrics.retrieval_chance(view.positives, ks))
+    return SetResult(view.name, "retrieval", view.protocol, metrics.retrieval_chance(view.positives, retrieval_ks(ks)))
 
 
 def zero_shot_result(view: ZeroShotView, templates: list[str], source: str) -> SetResult:
@@ -31,7 +37,8 @@ def zero_shot_result(view: ZeroShotView, templates: list[str], source: str) -> S
     ks = [k for k in (1, 5) if k <= c]
     line = (f"{len(view.image_ids)} images, {c} classes; a class embedding is the mean of the normalised embeddings of its "
             f"name in {len(templates)} templates ({source}), renormalised; top-k of cosine")
-    return SetResult(view.name, "zero_shot", line, {f"top{k}": k / c for k in ks})
+    # a uniformly random guess recalls 1/c of every class
+    return SetResult(view.name, "zero_shot", line, {f"top{k}": k / c for k in ks} | {"mean_per_class_recall": 1 / c})
 
 
 def score_model(model: str, joint: bool, views: Views, results: dict[str, SetResult], report: EvalReport, text_emb: dict[str, np.ndarray],
@@ -50,7 +57,7 @@ def score_model(model: str, joint: bool, views: Views, results: dict[str, SetRes
             continue
         sims = metrics.cosine_similarity(np.stack([image_emb[view.image_ids[r]] for r in keep]), np.stack([text_emb[t] for t in view.texts]))
         positives = view.positives[keep]
-        results[view.name].scores[model] = metrics.retrieval_scores(sims, positives, ks)
+        results[view.name].scores[model] = metrics.retrieval_scores(sims, positives, retrieval_ks(ks))
         report.plots.curves.setdefault(view.name, {})[model] = metrics.recall_curve(sims, positives, min(50, sims.shape[1]))
         if view is views.retrieval[0]:
             m = min(heatmap_size, len(keep))
@@ -64,5 +71,7 @@ def score_model(model: str, joint: bool, views: Views, results: dict[str, SetRes
         prompts = np.stack([[text_emb[t.format(c)] for t in templates] for c in view.class_names])
         sims = metrics.cosine_similarity(np.stack([image_emb[view.image_ids[r]] for r in keep]), metrics.class_embeddings(prompts))
         labels = [view.labels[r] for r in keep]
-        results[view.name].scores[model] = metrics.zero_shot_scores(sims, labels)
-        report.plots.confusions[f"{model} @ {view.name}"] = (metrics.confusion_matrix(sims, labels), view.class_names)
+        confusion = metrics.confusion_matrix(sims, labels)
+        results[view.name].scores[model] = metrics.zero_shot_scores(sims, labels) | {
+            "mean_per_class_recall": metrics.mean_per_class_recall(confusion)}
+        report.plots.confusions[f"{model} @ {view.name}"] = (confusion, view.class_names)

@@ -35,6 +35,9 @@ class Reject:
     TOO_SMALL = "too_small"
     TOO_LARGE = "too_large"
     DUPLICATE = "duplicate_image"
+    NO_IMAGE_MEMBER = "no_image_member"  # a shard's sample (key) with captions but no image
+    DOWNLOAD_FAILED = "download_failed"  # img2dataset's parquet: the download failed, nothing in the shard
+    MISSING_FROM_SHARD = "missing_from_shard"  # img2dataset's parquet says success, the shard lacks it
     CHANGED_SINCE_INGEST = "changed_since_ingest"
 
 
@@ -60,11 +63,21 @@ def image_id_for(sha256: str) -> str:
 
 
 def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
-    """Bytes of a local path or pyarrow filesystem URI; FileNotFoundError if absent."""
+    """Bytes of a local path, a pyarrow filesystem URI or a tar shard's member reference
+    (`pipeline.shards`: one byte-range read); FileNotFoundError if absent."""
     import pyarrow.fs as pafs
 
+    from pipeline.shards import parse_member, read_member
     from pipeline.uri import filesystem
 
+    member = parse_member(uri)
+    if member is not None:
+        if max_bytes is not None and member.size > max_bytes:
+            raise OverflowError(f"{member.size} bytes > limit {max_bytes}")
+        try:
+            return read_member(member)
+        except EOFError as e:
+            raise OSError(str(e)) from None
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:

@@ -11,6 +11,8 @@ stage that reports it (finetune-text, train-clip's validation, evaluate).
   (deduplicated captions) has all of them as positives. Ties keep index order.
 * `zero_shot_scores`: top-k accuracy of images against class embeddings, each the mean of
   the normalised template embeddings of a class (`class_embeddings`), renormalised.
+  `mean_per_class_recall` (balanced accuracy, CLIP_benchmark's third classification metric)
+  comes from the top-1 `confusion_matrix`.
 """
 
 from __future__ import annotations
@@ -156,3 +158,14 @@ def confusion_matrix(sims: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     out = np.zeros((sims.shape[1], sims.shape[1]), dtype=np.int64)
     np.add.at(out, (np.asarray(labels, dtype=np.int64), sims.argmax(axis=1)), 1)
     return out
+
+
+def mean_per_class_recall(confusion: np.ndarray) -> float:
+    """The mean over true classes of each one's top-1 recall (sklearn's balanced_accuracy_score,
+    which CLIP_benchmark reports): classes with no image are left out, as they have no recall."""
+    confusion = np.asarray(confusion)
+    totals = confusion.sum(axis=1)
+    present = totals > 0
+    if not present.any():
+        raise ValueError("no image in the confusion matrix")
+    return float(np.mean(np.diag(confusion)[present] / totals[present]))

@@ -177,8 +177,9 @@ class Store:
 
     def iter_batches(self, version: str, batch_size: int = 4096, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """Stream a version's rows without loading it whole."""
-        schema = self.schema_for(version)
-        for path in self.files(version):
+        commits = self.commits(version)
+        schema = self.schema_for(version, commits)
+        for path in self.files(version, commits):
             self._check_file_schema(path, schema)
             with self.fs.open_input_file(path) as f:
                 yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
@@ -194,14 +195,29 @@ class Store:
         """Lineage of every commit of a version, oldest first."""
         return [c.lineage for c in self.commits(version)]
 
-    def schema_for(self, version: str, commits: list[Commit] | None = None) -> pa.Schema:
-        """The expected schema; for vector stores (embeddings, features) the list size comes from the stored `dim`."""
+    def schema_for(self, version: str, commits: list[Commit] | None = None, value_type: pa.DataType | None = None) -> pa.Schema:
+        """The expected schema; for vector stores (embeddings, features) the list size comes from the
+        stored `dim`, the element type from `value_type`, else from the version's files (`vector_type`)."""
         if self.name not in VECTOR_STORES:
             return STORE_SCHEMAS[self.name]
-        for c in self.commits(version) if commits is None else commits:
-            if c.lineage.dim is not None:
-                return VECTOR_STORES[self.name][1](c.lineage.dim)
-        return STORE_SCHEMAS[self.name]
+        selected = self.commits(version) if commits is None else commits
+        dim = next((c.lineage.dim for c in selected if c.lineage.dim is not None), None)
+        return VECTOR_STORES[self.name].schema_of(dim, value_type or self.vector_type(version, selected))
+
+    def vector_type(self, version: str, commits: list[Commit] | None = None) -> pa.DataType | None:
+        """The element type of a vector store version (float16 or float32 embeddings), read from its
+        first data file: one version holds one type, the others are checked against it. None for
+        other stores, a version without files, or a type the store does not hold (a check names it)."""
+        vectors = VECTOR_STORES.get(self.name)
+        paths = self.files(version, commits) if vectors else []
+        if not paths:
+            return None
+        with self.fs.open_input_file(paths[0]) as f:
+            schema = pq.read_schema(f)
+        if schema.get_field_index(vectors.column) < 0:
+            return None
+        value_type = getattr(schema.field(vectors.column).type, "value_type", None)
+        return value_type if value_type in vectors.value_types else None
 
     def _check_file_schema(self, path: str, expected: pa.Schema) -> None:
         with self.fs.open_input_file(path) as f:
@@ -222,21 +238,35 @@ class Store:
             txn.write(table)
             return txn.commit()
 
-    def begin(self, version: str, lineage: Lineage | None = None, existing_keys: set[tuple] | None = None) -> Transaction:
+    def begin(self, version: str, lineage: Lineage | None = None, existing_keys: set[tuple] | None = None,
+              value_type: pa.DataType | None = None) -> Transaction:
         """Start an atomic commit: write one or more tables (or let Ray Data write files
         into `txn.staging_dir`), then `commit()`. Leaving the `with` block without
         committing removes the staged files. A writer that commits many times may pass
-        the version's keys it keeps up to date (`existing_keys`), so they are not re-read."""
+        the version's keys it keeps up to date (`existing_keys`), so they are not re-read.
+        Vector stores: the commit's element type is the version's (`vector_type`); a new
+        version's is `value_type`, by default the store's first (`schemas.VECTOR_STORES`)."""
         _check_version(version)
-        return Transaction(self, version, lineage or Lineage(), existing_keys)
+        vectors = VECTOR_STORES.get(self.name)
+        if vectors:
+            held = self.vector_type(version)
+            if held is not None and value_type is not None and held != value_type:
+                raise SchemaMismatchError(f"store {self.name!r}: version {version!r} holds {held} vectors; one version holds one "
+                                          f"type, so {value_type} rows cannot be added to it")
+            value_type = held or value_type or vectors.value_types[0]
+            if value_type not in vectors.value_types:
+                raise SchemaMismatchError(f"store {self.name!r} holds vectors of {[str(t) for t in vectors.value_types]}, not {value_type}")
+        return Transaction(self, version, lineage or Lineage(), existing_keys, value_type)
 
-    def prepare(self, table: pa.Table) -> pa.Table:
-        """Cast a table to the store's schema, with an error naming the bad column."""
+    def prepare(self, table: pa.Table, value_type: pa.DataType | None = None) -> pa.Table:
+        """Cast a table to the store's schema, with an error naming the bad column. Vector stores:
+        vectors become `value_type` (default: the store's first), and a value that does not fit
+        it (beyond float16's +-65504) fails instead of being stored as inf."""
         if self.name in VECTOR_STORES:
             dims = pc.unique(table.column("dim")).to_pylist() if "dim" in table.column_names else []
             if len(dims) > 1:
                 raise SchemaMismatchError(f"store {self.name!r}: one version holds one dim, got {dims}")
-            schema = VECTOR_STORES[self.name][1](int(dims[0])) if dims else STORE_SCHEMAS[self.name]
+            schema = VECTOR_STORES[self.name].schema_of(int(dims[0]) if dims else None, value_type)
         else:
             schema = STORE_SCHEMAS[self.name]
         missing = [f.name for f in schema if f.name not in table.column_names]
@@ -255,6 +285,11 @@ class Store:
                 raise SchemaMismatchError(
                     f"store {self.name!r}: column {f.name!r} has type {col.type}, expected {f.type}: {e}"
                 ) from e
+            if pa.types.is_fixed_size_list(f.type) and _overflowed(col, columns[-1]):
+                raise SchemaMismatchError(
+                    f"store {self.name!r}: column {f.name!r} has values beyond the range of {f.type.value_type} (they would be "
+                    f"stored as inf); write this version as float32 (embed.store_dtype: float32)"
+                )
             if not f.nullable and col.null_count:
                 raise SchemaMismatchError(f"store {self.name!r}: column {f.name!r} has {col.null_count} nulls")
         return pa.Table.from_arrays(columns, schema=schema)
@@ -280,10 +315,12 @@ class Store:
 class Transaction:
     """A commit in progress. Only `commit()` makes its rows visible."""
 
-    def __init__(self, store: Store, version: str, lineage: Lineage, existing_keys: set[tuple] | None = None):
+    def __init__(self, store: Store, version: str, lineage: Lineage, existing_keys: set[tuple] | None = None,
+                 value_type: pa.DataType | None = None):
         self.store = store
         self.version = version
         self.lineage = lineage
+        self.value_type = value_type  # vector stores: the element type this commit writes (`Store.begin`)
         # Time-prefixed ids keep commit records in write order when listed by name.
         self.commit_id = f"{utc_now().strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}"
         self.staging_dir = f"{store.root}/{version}/data/{self.commit_id}"
@@ -302,7 +339,7 @@ class Transaction:
 
     def write(self, table: pa.Table) -> int:
         """Stage rows whose key is new to the version (and to this commit). Returns rows kept."""
-        table = self.store.prepare(table)
+        table = self.store.prepare(table, self.value_type)
         if self._existing is None:
             self._existing = self.store.keys(self.version)
         keys = list(zip(*(table.column(k).to_pylist() for k in self.store.key)))
@@ -324,7 +361,8 @@ class Transaction:
     def commit(self, counts: dict[str, int] | None = None) -> Commit | None:
         """Publish the staged files atomically. Files written into `staging_dir` by other
         writers (Ray Data's `write_parquet`) are included and schema-checked, but not
-        deduplicated by key: such writers must leave out rows the version already has."""
+        deduplicated by key: such writers must leave out rows the version already has, and write
+        vectors of `value_type`."""
         fs, store = self.store.fs, self.store
         infos = fs.get_file_info(pafs.FileSelector(self.staging_dir, recursive=True, allow_not_found=True))
         data_files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
@@ -336,10 +374,12 @@ class Transaction:
                 num_rows += meta.num_rows
                 if expected is None:
                     actual = meta.schema.to_arrow_schema()
-                    vector = VECTOR_STORES.get(store.name, (None,))[0]
-                    if vector and pa.types.is_fixed_size_list(actual.field(vector).type) and self.lineage.dim is None:
-                        self.lineage = replace(self.lineage, dim=actual.field(vector).type.list_size)
-                    expected = store.schema_for(self.version, [_fake_commit(self.lineage)])
+                    vectors = VECTOR_STORES.get(store.name)
+                    if vectors and actual.get_field_index(vectors.column) >= 0 and self.lineage.dim is None:
+                        vector = actual.field(vectors.column).type
+                        if pa.types.is_fixed_size_list(vector):
+                            self.lineage = replace(self.lineage, dim=vector.list_size)
+                    expected = store.schema_for(self.version, [_fake_commit(self.lineage)], self.value_type)
                 problems = schema_problems(meta.schema.to_arrow_schema(), expected)
                 if problems:
                     raise SchemaMismatchError(f"store {store.name!r}: staged file {path}: " + "; ".join(problems))
@@ -400,6 +440,18 @@ def write_record(fs: pafs.FileSystem, path: str, record: Any) -> None:
 def reject_row(stage: str, record_id: str, reason: str, detail: str, time: datetime) -> dict[str, Any]:
     """One row of the rejects store."""
     return {"stage": stage, "record_id": record_id, "reason": reason, "detail": detail, "time": time}
+
+
+def _overflowed(before: pa.ChunkedArray, after: pa.ChunkedArray) -> bool:
+    """Whether a cast of fixed-size lists made finite values infinite (float32 -> float16 overflows to inf)."""
+    def infinite(column: pa.ChunkedArray) -> int:
+        values = [chunk.flatten() for chunk in column.chunks]
+        if not values or not pa.types.is_floating(values[0].type):
+            return 0  # integers are finite
+        values = pa.concat_arrays(values)
+        return len(values) - values.null_count - int(pc.sum(pc.is_finite(values)).as_py() or 0)
+
+    return infinite(after) > infinite(before)
 
 
 def _fake_commit(lineage: Lineage) -> Commit:

@@ -6,6 +6,9 @@ with field metadata so `pyarrow` readers and the MLflow artifacts carry the mean
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 
@@ -42,9 +45,10 @@ CAPTIONS = pa.schema(
 )
 
 
-def embeddings_schema(dim: int | None = None) -> pa.Schema:
-    """The embedding store's schema; `dim` fixes the size of the embedding list."""
-    list_type = pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
+def embeddings_schema(dim: int | None = None, value_type: pa.DataType = pa.float16()) -> pa.Schema:
+    """The embedding store's schema; `dim` fixes the size of the embedding list, `value_type` its
+    elements: float16 for new versions (half the bytes), float32 in versions written before."""
+    list_type = pa.list_(value_type, dim) if dim else pa.list_(value_type)
     return pa.schema(
         [
             _field("caption_id", pa.string(), "joins the caption store"),
@@ -52,7 +56,8 @@ def embeddings_schema(dim: int | None = None) -> pa.Schema:
             _field("text_sha256", pa.string(), "sha256 of the encoded text (skip key with encoder_version)"),
             _field("encoder_version", pa.string(), "identifies weights + pooling + attention mode"),
             _field("dim", pa.int32(), "embedding dimension"),
-            _field("embedding", list_type, "float32 caption embedding, fixed-size list"),
+            _field("embedding", list_type, "caption embedding, fixed-size list of float16 (float32 in older versions); "
+                   "readers compute in float32"),
         ]
     )
 
@@ -60,9 +65,9 @@ def embeddings_schema(dim: int | None = None) -> pa.Schema:
 EMBEDDINGS = embeddings_schema()
 
 
-def features_schema(dim: int | None = None) -> pa.Schema:
+def features_schema(dim: int | None = None, value_type: pa.DataType = pa.float32()) -> pa.Schema:
     """The feature store's schema: a frozen vision tower's pooled image features (cheap sweeps)."""
-    list_type = pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
+    list_type = pa.list_(value_type, dim) if dim else pa.list_(value_type)
     return pa.schema(
         [
             _field("image_id", pa.string(), "joins the image manifest"),
@@ -76,8 +81,26 @@ def features_schema(dim: int | None = None) -> pa.Schema:
 
 FEATURES = features_schema()
 
-#: stores holding one fixed-size float vector per row: (vector column, schema for a dim)
-VECTOR_STORES = {"embeddings": ("embedding", embeddings_schema), "features": ("feature", features_schema)}
+
+@dataclass(frozen=True)
+class VectorColumn:
+    """The vector column of a store holding one fixed-size float vector per row. One version
+    holds one element type: the first of `value_types` for a new version, any of them when read."""
+
+    column: str
+    schema: Callable[[int | None, pa.DataType], pa.Schema]  # (dim, element type) -> the store's schema
+    value_types: tuple[pa.DataType, ...]
+
+    def schema_of(self, dim: int | None, value_type: pa.DataType | None = None) -> pa.Schema:
+        return self.schema(dim, value_type or self.value_types[0])
+
+
+#: stores holding one fixed-size float vector per row
+VECTOR_STORES = {
+    # float16 halves the store; versions written as float32 before stay readable (and appendable)
+    "embeddings": VectorColumn("embedding", embeddings_schema, (pa.float16(), pa.float32())),
+    "features": VectorColumn("feature", features_schema, (pa.float32(),)),
+}
 
 REJECTS = pa.schema(
     [

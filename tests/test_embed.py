@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.faults import CRASH_AT, CRASH_ONCE_DIR
-from pipeline.stages.embed import plan_embed
+from pipeline.lineage import Lineage
+from pipeline.stages.embed import embedding_matrix, plan_embed, store_vectors, write_files
 from pipeline.store import Store, utc_now
 from pipeline.text_encoder import TextEncoder
 from tests.conftest import MODELS_DIR, REPO, job_env, load_result, run_job_here, run_stage_here, write_config
@@ -85,15 +88,75 @@ def _encoder_actors() -> int:
 
 
 def test_second_run_writes_nothing(ingested, first_embed, cluster, ray_session):
+    """Not even with another embed.store_dtype: the store dtype is no part of what is embedded."""
     root, config = ingested
     version = _version(root / "store")
     before = len(Store(str(root / "store"), "embeddings").commits(version))
     actors = _encoder_actors()
     assert actors >= 1  # the first run's are listed: the count can see them
-    out = run_stage_here("jobs.embed", config, cluster)
+    assert plan_embed(load_config(config, ["embed.store_dtype=float32"])).exists
+    out = run_stage_here("jobs.embed", config, cluster, "--set", "embed.store_dtype=float32")
+    assert out.encoder_version == version and out.store_dtype == "float16"  # the version keeps its type
     assert out.written == 0 and out.skipped == out.input_rows == first_embed.written
     assert _encoder_actors() == actors  # nothing to do: no encoder actor was started
     assert len(Store(str(root / "store"), "embeddings").commits(version)) == before
+
+
+def test_fp16_store_round_trip_and_equal_cra(ingested, first_embed, cluster, tmp_path):
+    """The same captions, the same encoder, stored as float16 (the default: `first_embed`) and as
+    float32 (a copy of the caption stores): about half the bytes, the same vectors to 1e-3 in
+    cosine, the same held-out CRA."""
+    root, config = ingested
+    narrow, wide = root / "store", tmp_path / "store"
+    for name in ("manifest", "captions"):
+        shutil.copytree(narrow / name, wide / name)
+    out = run_stage_here("jobs.embed", config, cluster, "--set", f"store.uri={wide}", "--set", "embed.store_dtype=float32")
+    version = _version(narrow)
+    assert out.encoder_version == version and (first_embed.store_dtype, out.store_dtype) == ("float16", "float32")
+    stores = {dtype: Store(str(path), "embeddings") for dtype, path in (("float16", narrow), ("float32", wide))}
+    tables = {dtype: store.read(version).sort_by("caption_id") for dtype, store in stores.items()}
+    for dtype, table in tables.items():
+        assert table.schema.field("embedding").type.value_type == pa.type_for_alias(dtype)
+    assert tables["float16"].column("caption_id").equals(tables["float32"].column("caption_id"))
+    a, b = (embedding_matrix(t.column("embedding")) for t in tables.values())
+    assert a.dtype == b.dtype == np.float32
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    deviation = float(np.max(1 - cosine))
+    size = {dtype: sum(s.fs.get_file_info(f).size for f in s.files(version)) for dtype, s in stores.items()}
+    files = {dtype: len(s.files(version)) for dtype, s in stores.items()}
+    cra = {dtype: {p: c.cra for p, c in r.cra.items()} for dtype, r in (("float16", first_embed), ("float32", out))}
+    print(f"fp16 store: max cosine deviation {deviation:.2e}, bytes {size}, files {files}, CRA {cra}, rows {a.shape}")
+    assert deviation < 1e-3
+    assert size["float16"] < 0.6 * size["float32"]
+    assert cra["float16"] == cra["float32"] and cra["float16"]  # every protocol, to the query
+
+
+def test_an_embedding_beyond_float16_fails_naming_the_key():
+    """What the encoder actors store: float16 lists, or an error naming embed.store_dtype, never inf."""
+    emb = np.array([[0.5, -2.0], [1.0, 7.0e4]], dtype=np.float32)  # float16 ends at 65504
+    assert store_vectors(emb[:1], "float16", ["c0"]).type.equals(pa.list_(pa.float16(), 2))
+    with pytest.raises(ValueError, match="embed.store_dtype float16: the embedding of caption c1 has a value of 70000.*"
+                                         "set embed.store_dtype: float32"):
+        store_vectors(emb, "float16", ["c0", "c1"])
+    assert store_vectors(emb, "float32", ["c0", "c1"]).to_pylist()[1] == [1.0, 7.0e4]
+
+
+def test_a_commit_is_a_few_files_of_bounded_rows(tmp_path, ray_session):
+    """Ray Data writes a commit as files of rows_per_file to twice as many rows: small blocks are
+    gathered (not one file each), and no file holds everything."""
+    import ray
+
+    store = Store(str(tmp_path), "embeddings")
+    rows = store.prepare(pa.Table.from_pylist(
+        [{"caption_id": f"c{i:05d}", "image_id": "i", "text_sha256": "s", "encoder_version": "e", "dim": 4, "embedding": [i / 7.0] * 4}
+         for i in range(2600)]))
+    blocks = ray.data.from_arrow([rows.slice(i, 100) for i in range(0, rows.num_rows, 100)])  # 26 blocks, as the encoder's batches
+    with store.begin("enc-x", Lineage(stage="test")) as txn:
+        write_files(blocks, txn, rows_per_file=1000)
+        txn.commit()
+    sizes = sorted(pq.read_metadata(f).num_rows for f in store.files("enc-x"))
+    assert sum(sizes) == 2600 and store.read("enc-x").num_rows == 2600
+    assert 2 <= len(sizes) <= 3 and sizes[-1] <= 2000 and all(n >= 1000 for n in sizes[1:]), sizes
 
 
 def test_cra_is_logged_to_mlflow(first_embed, cluster):

@@ -172,6 +172,9 @@ def test_every_model_and_set_is_in_the_report(evaluated):
         top5 = np.argsort(-scores, axis=1)[:, :5]
         assert rows[model]["fashion/top1"] == pytest.approx(np.mean(scores.argmax(1) == labels), abs=1e-9), model
         assert rows[model]["fashion/top5"] == pytest.approx(np.mean([l in t for l, t in zip(labels, top5)]), abs=1e-9), model
+        pred = scores.argmax(1)  # balanced accuracy: each class's top-1 recall, averaged over the classes present
+        per_class = [np.mean(pred[labels == c] == c) for c in np.unique(labels)]
+        assert rows[model]["fashion/mean_per_class_recall"] == pytest.approx(np.mean(per_class), abs=1e-9), model
     assert rows["tiny-llama"]["coco/i2t_r@1"] is None and "tree/top5" not in rows["clip-llm"]  # 2 classes: no top-5
     assert rows["all-MiniLM-L6-v2"]["everyday-pairs/cra"] > 0.8  # a real sentence encoder on hand-written pairs
     # chance and protocol beside every figure
@@ -182,6 +185,36 @@ def test_every_model_and_set_is_in_the_report(evaluated):
     assert "CLIP_benchmark" in results["protocols"]["coco"] and "matched by index" in results["protocols"]["long"]
     assert "12 templates" in results["protocols"]["fashion"] and "2 classes" in results["protocols"]["tree"]
     assert "each of the 6 captions queries the other 5" in results["protocols"]["pairs"]
+
+
+def test_clip_benchmark_files_hold_the_reported_figures(evaluated):
+    """A CLIP_benchmark result file per LLM2CLIP model and retrieval or zero-shot set, keys as in
+    CLIP_benchmark's clip_benchmark/cli.py `dump` and metrics/zeroshot_*.py, values those of results.json."""
+    _, _, _, result, results = evaluated
+    folder = Path(result.report_dir) / "clip_benchmark"
+    files = {p.name: json.loads(p.read_text()) for p in folder.iterdir()}
+    assert set(files) == {Path(f).name for f in result.files if "/clip_benchmark/" in f}
+    rows = {r["model"]: r for r in results["rows"]}
+    refs = {m["name"]: m["ref"] for m in results["models"]}
+    tasks = {"retrieval": ("zeroshot_retrieval", "i2t_r@1"), "zero_shot": ("zeroshot_classification", "top1")}
+    expected = {(s, m, tasks[t][0]) for s, t in results["tasks"].items() if t in tasks  # CRA sets: no counterpart
+                for m in rows if rows[m][f"{s}/{tasks[t][1]}"] is not None}
+    assert {(d["dataset"], d["model"], d["task"]) for d in files.values()} == expected and len(files) == len(expected)
+    assert {m for _, m, _ in expected} == {"clip-llm", "clip-text"} and {"coco", "long", "vqa", "tree", "fashion"} <= {s for s, _, _ in expected}
+    for name, d in files.items():
+        assert list(d) == ["dataset", "model", "pretrained", "task", "metrics", "language"], name
+        assert d["pretrained"] == refs[d["model"]] and d["language"] == "en", name
+        row, s = rows[d["model"]], d["dataset"]
+        if d["task"] == "zeroshot_retrieval":
+            want = {}
+            for k in (1, 5, 10):  # image retrieval: each text queries the images
+                want |= {f"image_retrieval_recall@{k}": row[f"{s}/t2i_r@{k}"], f"text_retrieval_recall@{k}": row[f"{s}/i2t_r@{k}"]}
+        else:
+            want = {"acc1": row[f"{s}/top1"], "mean_per_class_recall": row[f"{s}/mean_per_class_recall"]}
+            want |= {"acc5": row[f"{s}/top5"]} if f"{s}/top5" in row else {}
+        assert d["metrics"] == want and all(0.0 <= v <= 1.0 for v in want.values()), name
+    assert set(files["fashion__clip-llm__zeroshot_classification.json"]["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert set(files["tree__clip-text__zeroshot_classification.json"]["metrics"]) == {"acc1", "mean_per_class_recall"}
 
 
 def test_bad_paths_and_a_bad_model_are_reported_not_fatal(evaluated):
@@ -226,7 +259,10 @@ def test_everything_is_logged_to_one_mlflow_run(evaluated, cluster):
     row = next(r for r in results["rows"] if r["model"] == "clip-llm")
     assert run.data.metrics["clip-llm/coco/i2t_r1"] == pytest.approx(row["coco/i2t_r@1"])
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluate")}
-    assert {"evaluate/results_table.json", "evaluate/results.md", "evaluate/results.json", "evaluate/plots"} <= artifacts
+    assert {"evaluate/results_table.json", "evaluate/results.md", "evaluate/results.json", "evaluate/plots",
+            "evaluate/clip_benchmark"} <= artifacts
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluate/clip_benchmark")}
+    assert logged == {p.name for p in (Path(result.report_dir) / "clip_benchmark").iterdir()}
     table = json.loads(Path(client.download_artifacts(run_id, "evaluate/results_table.json")).read_text())
     assert table["columns"][0] == "model" and len(table["data"]) == 4
     assert len(client.list_artifacts(run_id, "evaluate/plots")) >= 4

@@ -41,6 +41,7 @@ from pipeline.metrics import (  # noqa: E402
     class_embeddings,
     confusion_matrix,
     cra_protocol,
+    mean_per_class_recall,
     recall_curve,
     retrieval_chance,
     retrieval_scores,
@@ -107,6 +108,16 @@ def test_zero_shot_top_k_and_confusion_by_hand():
     labels = [0, 1, 2, 2]
     assert zero_shot_scores(sims, labels, ks=(1, 2, 5)) == {"top1": 0.5, "top2": 0.75}  # k=5 > 3 classes: left out
     assert confusion_matrix(sims, labels).tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 1]]
+    # per true class: 1/1, 0/1, 1/2 -> 1/2 (top-1 accuracy is also 1/2 here; below they differ)
+    assert mean_per_class_recall(confusion_matrix(sims, labels)) == 0.5
+
+
+def test_mean_per_class_recall_weighs_classes_not_images_and_skips_empty_ones():
+    # class 0: 3 of 3 right; class 1: 0 of 1; class 2: no image (left out, not a zero)
+    confusion = np.array([[3, 0, 0], [1, 0, 0], [0, 0, 0]])
+    assert mean_per_class_recall(confusion) == 0.5  # accuracy would be 3/4
+    with pytest.raises(ValueError):
+        mean_per_class_recall(np.zeros((2, 2), dtype=int))
 
 
 def test_cra_protocol_names_the_pool():

@@ -9,12 +9,14 @@ import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.lineage import Lineage, StoreInput
-from pipeline.store import SchemaMismatchError, Store, StoreError, VersionNotFoundError
+from pipeline.store import Commit, SchemaMismatchError, Store, StoreError, VersionNotFoundError
+from schemas import embeddings_schema
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -174,3 +176,61 @@ def test_ray_data_can_write_into_a_transaction(tmp_path, ray_session):
         commit = txn.commit()
     assert commit.num_rows == 40 and len(commit.files) >= 2
     assert sorted(store.read("v1").column("caption_id").to_pylist()) == [f"c{i:06d}" for i in range(40)]
+
+
+def _vector_rows(n: int, value: float = 0.25, start: int = 0) -> list[dict]:
+    return [{"caption_id": f"c{i}", "image_id": "i", "text_sha256": "s", "encoder_version": "e", "dim": 4,
+             "embedding": [value * (i + 1), -value, 0.5, 1.0]} for i in range(start, start + n)]
+
+
+def _float32_version_as_written_before(root: Path, version: str, rows: list[dict]) -> None:
+    """A version as the store wrote it before float16 existed, by hand: one float32 file and its commit record."""
+    commit_id = "20260101T000000000000Z-old00000"
+    table = pa.Table.from_pylist(rows, schema=embeddings_schema(4, pa.float32()))
+    (root / "embeddings" / version / "data" / commit_id).mkdir(parents=True)
+    pq.write_table(table, root / "embeddings" / version / "data" / commit_id / "part-00000.parquet", compression="zstd")
+    record = Commit(commit_id, "embeddings", version, (f"data/{commit_id}/part-00000.parquet",), len(rows), NOW.isoformat(),
+                    Lineage(stage="embed", dim=4))
+    (root / "embeddings" / version / "_commits").mkdir()
+    (root / "embeddings" / version / "_commits" / f"{commit_id}.json").write_text(record.to_json())
+
+
+def _as_float32(table: pa.Table) -> np.ndarray:
+    return np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(), np.float32).reshape(table.num_rows, -1)
+
+
+def test_float32_versions_stay_readable_beside_float16_ones(tmp_path):
+    store = Store(str(tmp_path), "embeddings")
+    _float32_version_as_written_before(tmp_path, "enc-old", _vector_rows(3))
+    store.append("enc-new", pa.Table.from_pylist(_vector_rows(3)))  # today's default: float16
+    old, new = store.read("enc-old"), store.read("enc-new")
+    assert old.schema.field("embedding").type.equals(pa.list_(pa.float32(), 4))
+    assert new.schema.field("embedding").type.equals(pa.list_(pa.float16(), 4))
+    assert (store.vector_type("enc-old"), store.vector_type("enc-new")) == (pa.float32(), pa.float16())
+    np.testing.assert_allclose(_as_float32(new), _as_float32(old), rtol=1e-3)  # float16 keeps ~3 significant digits
+    assert [b.num_rows for b in store.iter_batches("enc-old")] == [3]
+    # a version keeps its type: rows added to the float32 one are float32, whatever they came as
+    store.append("enc-old", pa.Table.from_pylist(_vector_rows(2, start=3)))
+    assert store.read("enc-old").num_rows == 5 and store.vector_type("enc-old") == pa.float32()
+    with pytest.raises(SchemaMismatchError, match="holds float vectors; one version holds one type"):
+        store.begin("enc-old", value_type=pa.float16())
+    # a writer that stages float16 files into the float32 version (Ray Data's write) fails at commit
+    with store.begin("enc-old") as txn:
+        pq.write_table(store.prepare(pa.Table.from_pylist(_vector_rows(1, start=9)), pa.float16()), f"{txn.staging_dir}/part-x.parquet")
+        with pytest.raises(SchemaMismatchError, match="staged file .* column 'embedding' has type fixed_size_list<element: halffloat>"):
+            txn.commit()
+    assert store.read("enc-old").num_rows == 5
+    with Store(str(tmp_path), "features").begin("vis-x") as txn:
+        assert txn.value_type == pa.float32()  # the feature store stays float32
+
+
+def test_a_value_beyond_float16_fails_instead_of_becoming_inf(tmp_path):
+    store = Store(str(tmp_path), "embeddings")
+    too_big = pa.Table.from_pylist(_vector_rows(2, value=70_000.0))  # float16 ends at 65504
+    with pytest.raises(SchemaMismatchError, match=r"values beyond the range of halffloat.*embed.store_dtype: float32"):
+        store.append("enc-new", too_big)
+    assert store.versions() == []
+    with store.begin("enc-wide", value_type=pa.float32()) as txn:  # float32 holds it
+        txn.write(too_big)
+        txn.commit()
+    assert store.read("enc-wide").column("embedding").to_pylist()[1][0] == 140_000.0

@@ -322,7 +322,7 @@ def join_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan,
     partitions = max(2, min(int(ray.cluster_resources().get("CPU", 2)), caption_rows // ROWS_PER_PARTITION + 1))
     rows = ray.data.read_parquet([f for v in captions.versions for f in caption_store.files(v)], filesystem=caption_store.fs).select_columns(
         ["caption_id", "image_id", "caption_version"] + (["text"] if payload == "text" else []))
-    if payload == "embedding":
+    if payload == "embedding":  # float16 vectors (older versions float32) go through as stored: readers cast to float32
         embeddings = Store(cfg.store.uri, "embeddings")
         vectors = ray.data.read_parquet(embeddings.files(source.encoder_version), filesystem=embeddings.fs).select_columns(
             ["caption_id", "embedding"])

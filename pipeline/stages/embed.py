@@ -6,6 +6,10 @@ stays small; bf16 is used where the hardware has it. Captions already embedded b
 encoder (same caption_id, hence same text) are skipped; empty captions, and over-long ones
 when `embed.overlong: reject`, go to the rejects store. Counts reconcile:
 input = written + skipped + rejected. Afterwards the job reports CRA on held-out pairs.
+
+Embeddings are stored as float16 (`embed.store_dtype`; a version keeps the type it was first
+written in, so older float32 versions keep growing as float32) and read back as float32. A
+commit is a few Parquet files of ~`ROWS_PER_FILE` rows each, so readers work in parallel.
 """
 
 from __future__ import annotations
@@ -30,10 +34,16 @@ from pipeline.plans import StagePlan, not_ready
 from pipeline.records import Tracked, hidden, label
 from pipeline.stages.runtime import actor_pool
 from pipeline.stages.tracking import Tracker
-from pipeline.store import Store, reject_row, utc_now
+from pipeline.store import Store, Transaction, reject_row, utc_now
 from pipeline.text_encoder import ENCODER_VERSION_PREFIX, TextEncoder
 from pipeline.versioning import code_version, text_sha256
 from schemas import STORE_SCHEMAS
+
+#: embed.store_dtype -> the element type of the stored embedding lists
+STORE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+#: rows per Parquet file of a commit (up to twice as many; the last file of a commit fewer): 100k
+#: captions are two files, not one per Ray Data block; 10M are 200 that readers take in parallel
+ROWS_PER_FILE = 50_000
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class EmbedResult(Tracked):
     seconds: float = hidden(default=0.0)
     cra: dict[str, HeldOutCra] = label("CRA", default_factory=dict)  # protocol -> CRA on held-out pairs
     commit: str | None = None
+    store_dtype: str = label("stored as", default="")  # the version's element type: float16 or float32
 
     def notes(self) -> dict[str, float | None]:
         return {"captions/s": round(self.written / self.seconds, 1) if self.seconds else None}
@@ -77,12 +88,14 @@ def encoder_kwargs(cfg: EmbedConfig) -> dict[str, Any]:
 class EmbedCaptions:
     """Ray Data actor: one encoder per actor; pyarrow batches in, embedding rows out."""
 
-    def __init__(self, path: str, options: dict[str, Any], precision: str, use_gpu: bool, overlong: str, micro_batch_size: int, trust_remote_code: bool):
+    def __init__(self, path: str, options: dict[str, Any], precision: str, use_gpu: bool, overlong: str, micro_batch_size: int,
+                 trust_remote_code: bool, store_dtype: str):
         device = "cuda" if use_gpu else "cpu"
         self.encoder = TextEncoder.from_pretrained(path, dtype=precision, device=device, trust_remote_code=trust_remote_code, **options)
         self.version = self.encoder.encoder_version
         self.overlong = overlong
         self.micro_batch_size = micro_batch_size
+        self.store_dtype = store_dtype
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         crash_point("embed.batch")
@@ -102,7 +115,7 @@ class EmbedCaptions:
         emb = np.zeros((len(texts), dim), dtype=np.float32)
         if keep:
             emb[keep] = self.encoder.encode([texts[i] for i in keep], batch_size=self.micro_batch_size)
-        flat = pa.array(emb.reshape(-1), type=pa.float32())
+        ids = batch.column("caption_id").to_pylist()
         return pa.table(
             {
                 "caption_id": batch.column("caption_id"),
@@ -110,11 +123,31 @@ class EmbedCaptions:
                 "text_sha256": pa.array([text_sha256(t or "") for t in texts]),
                 "encoder_version": pa.array([self.version] * len(texts)),
                 "dim": pa.array([dim] * len(texts), type=pa.int32()),
-                "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+                "embedding": store_vectors(emb, self.store_dtype, ids),
                 "reason": pa.array(reasons),
                 "detail": pa.array(details),
             }
         )
+
+
+def store_vectors(emb: np.ndarray, store_dtype: str, caption_ids: list[str]) -> pa.FixedSizeListArray:
+    """(n, dim) float32 embeddings as the store's fixed-size lists of `store_dtype`. A value
+    beyond float16's +-65504 would be stored as inf: that fails, naming the caption and the key."""
+    with np.errstate(over="ignore"):  # the overflow is checked just below
+        stored = emb.astype(store_dtype)
+    overflow = np.isfinite(emb).all(axis=1) & ~np.isfinite(stored).all(axis=1)
+    if overflow.any():
+        i = int(np.flatnonzero(overflow)[0])
+        raise ValueError(f"embed.store_dtype {store_dtype}: the embedding of caption {caption_ids[i]} has a value of "
+                         f"{np.abs(emb[i]).max():.6g}, beyond {store_dtype}'s range (it would be stored as inf); "
+                         f"set embed.store_dtype: float32 for this encoder")
+    return pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), emb.shape[1])
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A column of stored embeddings (float16 or float32 fixed-size lists) as one float32 (n, dim) matrix."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(column), column.type.list_size)
 
 
 @ray.remote
@@ -162,18 +195,26 @@ def _version_embedded_before(cfg: PipelineConfig, ref: str, options: dict[str, A
     return None
 
 
-def dataset_images(cfg: PipelineConfig) -> np.ndarray | None:
+def dataset_images(cfg: PipelineConfig) -> pa.Array | None:
     """The image ids whose captions embed reads: the manifest version's, or None (every caption)."""
     manifest = Store(cfg.store.uri, "manifest")
     dataset = cfg.embed.dataset or cfg.ingest.dataset
     if not manifest.commits(dataset):
         return None
-    return np.array(sorted(manifest.read(dataset, columns=["image_id"]).column("image_id").to_pylist()), dtype=object)
+    return manifest.read(dataset, columns=["image_id"]).column("image_id").combine_chunks()
 
 
-def _of_images(batch: pa.Table, images: np.ndarray) -> pa.Table:
-    ids = batch.column("image_id").to_numpy(zero_copy_only=False)
-    return batch.filter(pa.array(np.isin(ids, images)))
+# Membership by Arrow's hash lookup: np.isin on object (string) arrays compares every pair,
+# which made a do-nothing re-run at 100k captions take two minutes.
+def _of_images(batch: pa.Table, images: pa.Array) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column("image_id"), value_set=images))
+
+
+def _ids(store: Store, version: str, column: str) -> pa.Array:
+    """One column of a version as an array (empty when the version has no commit)."""
+    if not store.commits(version):
+        return pa.array([], pa.string())
+    return store.read(version, columns=[column]).column(column).combine_chunks()
 
 
 @dataclass(frozen=True)
@@ -190,23 +231,24 @@ def embed_work(cfg: PipelineConfig) -> EmbedWork:
     captions = Store(cfg.store.uri, "captions")
     images = dataset_images(cfg)
     read = [captions.read(v, columns=["caption_id", "image_id"]) for v in ecfg.caption_versions]
-    wanted = {c for t in read for c in (_of_images(t, images) if images is not None else t).column("caption_id").to_pylist()}
+    wanted = pc.unique(pa.chunked_array([(_of_images(t, images) if images is not None else t).column("caption_id") for t in read],
+                                        pa.string()))
     version = _version_embedded_before(cfg, ecfg.encoder or cfg.models.llm, encoder_kwargs(ecfg))
     if version is None:
         return EmbedWork(None, len(wanted), len(wanted))
-    rejected = _still_rejected(cfg, version)
-    return EmbedWork(version, len(wanted), len(wanted - {k[0] for k in Store(cfg.store.uri, "embeddings").keys(version)} - rejected))
+    done = pa.concat_arrays([_ids(Store(cfg.store.uri, "embeddings"), version, "caption_id"), _still_rejected(cfg, version)])
+    return EmbedWork(version, len(wanted), len(wanted) - int(pc.sum(pc.is_in(wanted, value_set=done)).as_py() or 0))
 
 
-def _still_rejected(cfg: PipelineConfig, version: str) -> set[str]:
+def _still_rejected(cfg: PipelineConfig, version: str) -> pa.Array:
     """Captions this encoder rejected that this config would reject again: an empty caption
     always, an overlong one only while embed.overlong is reject (truncate embeds it)."""
     rejects = Store(cfg.store.uri, "rejects")
     if not rejects.commits(f"embed.{version}"):
-        return set()
-    standing = {"empty_caption"} | ({"too_long"} if cfg.embed.overlong == "reject" else set())
-    rows = rejects.read(f"embed.{version}", columns=["record_id", "reason"]).to_pylist()
-    return {r["record_id"] for r in rows if r["reason"] in standing}
+        return pa.array([], pa.string())
+    standing = pa.array(["empty_caption"] + (["too_long"] if cfg.embed.overlong == "reject" else []))
+    rows = rejects.read(f"embed.{version}", columns=["record_id", "reason"])
+    return rows.filter(pc.is_in(rows.column("reason"), value_set=standing)).column("record_id").combine_chunks()
 
 
 def plan_embed(cfg: PipelineConfig, stage: str = "embed") -> StagePlan:
@@ -246,7 +288,10 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     missing = [v for v in ecfg.caption_versions if not captions.commits(v)]
     if missing:
         raise ValueError(f"caption versions {missing} do not exist in {cfg.store.uri}; have {captions.versions()}")
-    existing = np.array(sorted(k[0] for k in embeddings.keys(version)), dtype=object)
+    existing = _ids(embeddings, version, "caption_id")
+    # A version holds one element type: one written as float32 before keeps growing as float32.
+    store_type = embeddings.vector_type(version) or STORE_DTYPES[ecfg.store_dtype]
+    result.store_dtype = next(name for name, t in STORE_DTYPES.items() if t == store_type)
     images = dataset_images(cfg)
     lineage = Lineage(stage="embed", inputs=[StoreInput("captions", v, [c.commit_id for c in captions.commits(v)]) for v in ecfg.caption_versions]
                       + ([StoreInput("manifest", ecfg.dataset or cfg.ingest.dataset)] if images is not None else []),
@@ -266,7 +311,7 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
         EmbedCaptions,
         fn_constructor_kwargs=dict(
             path=path, options=options, precision=precision, use_gpu=use_gpu, overlong=ecfg.overlong,
-            micro_batch_size=ecfg.micro_batch_size, trust_remote_code=cfg.models.trust_remote_code,
+            micro_batch_size=ecfg.micro_batch_size, trust_remote_code=cfg.models.trust_remote_code, store_dtype=result.store_dtype,
         ),
         batch_size=ecfg.batch_size,
         batch_format="pyarrow",
@@ -281,8 +326,8 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     status = pa.concat_tables([t.select(status_schema.names).cast(status_schema) for t in blocks]) if blocks else status_schema.empty_table()
     rejected = status.filter(pc.not_equal(status.column("reason"), ""))
     result.truncated = int(pc.sum(pc.equal(status.column("detail"), "truncated")).as_py() or 0)
-    with embeddings.begin(version, lineage) as txn:
-        embedded.map_batches(_accepted, batch_format="pyarrow").write_parquet(txn.staging_dir, filesystem=txn.store.fs)
+    with embeddings.begin(version, lineage, value_type=store_type) as txn:
+        write_files(embedded.map_batches(_accepted, batch_format="pyarrow"), txn)
         commit = txn.commit({"input_rows": result.input_rows, "rejected": rejected.num_rows})
     result.seconds = (utc_now() - start).total_seconds()
     result.commit = commit.commit_id if commit else None
@@ -311,10 +356,13 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
 
 
 def _nothing_to_do(cfg: PipelineConfig, work: EmbedWork, precision: str, tracker: Tracker) -> EmbedResult:
-    commits = Store(cfg.store.uri, "embeddings").commits(work.version)
+    embeddings = Store(cfg.store.uri, "embeddings")
+    commits = embeddings.commits(work.version)
     dim = next(c.lineage.dim for c in commits if c.lineage.dim is not None)
+    stored = embeddings.vector_type(work.version, commits)  # whatever embed.store_dtype says now: the store dtype is no skip key
     result = EmbedResult(encoder=cfg.embed.encoder or cfg.models.llm, encoder_version=work.version, dim=dim, precision=precision,
-                         input_rows=work.wanted, skipped=work.wanted)
+                         input_rows=work.wanted, skipped=work.wanted,
+                         store_dtype=next((name for name, t in STORE_DTYPES.items() if t == stored), ""))
     result.tracked_by(tracker)
     if cfg.embed.cra_split:
         result.cra = held_out_cra(cfg, work.version, cfg.embed.cra_split)
@@ -324,13 +372,19 @@ def _nothing_to_do(cfg: PipelineConfig, work: EmbedWork, precision: str, tracker
     return result
 
 
+def write_files(ds, txn: Transaction, rows_per_file: int = ROWS_PER_FILE) -> None:
+    """Ray Data writes a dataset into a commit's staging folder as Parquet files of `rows_per_file`
+    to twice as many rows: write tasks gather small blocks up to `rows_per_file` rows, and split
+    none beyond twice that (only a commit's last file holds fewer)."""
+    ds.write_parquet(txn.staging_dir, filesystem=txn.store.fs, min_rows_per_file=rows_per_file, max_rows_per_file=2 * rows_per_file)
+
+
 def _accepted(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch.column("reason"), "")).drop_columns(["reason", "detail"])
 
 
-def _not_in(batch: pa.Table, existing: np.ndarray) -> pa.Table:
-    ids = batch.column("caption_id").to_numpy(zero_copy_only=False)
-    return batch.filter(pa.array(~np.isin(ids, existing)))
+def _not_in(batch: pa.Table, existing: pa.Array) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch.column("caption_id"), value_set=existing)))
 
 
 def held_out_cra(cfg: PipelineConfig, encoder_version: str, split: str) -> dict[str, HeldOutCra]:
@@ -340,7 +394,7 @@ def held_out_cra(cfg: PipelineConfig, encoder_version: str, split: str) -> dict[
     caption_rows = pa.concat_tables([captions.read(v) for v in cfg.embed.caption_versions])
     emb = Store(cfg.store.uri, "embeddings").read(encoder_version, columns=["caption_id", "embedding"])
     index = {c: i for i, c in enumerate(emb.column("caption_id").to_pylist())}
-    matrix = np.asarray(emb.column("embedding").combine_chunks().flatten().to_numpy()).reshape(emb.num_rows, -1) if emb.num_rows else None
+    matrix = embedding_matrix(emb.column("embedding")) if emb.num_rows else None  # float16 in the store, float32 here
     out = {}
     for protocol in PROTOCOLS:
         pairs = [(a, b) for a, b in caption_pairs(manifest, caption_rows, split, protocol) if a in index and b in index]

@@ -8,7 +8,8 @@ the sets are read from the stores (`pipeline.eval_views`). Each model is probed 
 be loaded, then embeds what it needs (CRA texts, captions, zero-shot prompts, images) in a
 Ray Data actor pool (`eval_embedding`), and every metric comes from the embeddings
 (`pipeline.eval_scoring`). An image that is missing or unreadable is reported with its reason,
-never fatal; so is a model that cannot be evaluated.
+never fatal; so is a model that cannot be evaluated. Beside the report go its figures as
+CLIP_benchmark result files (`pipeline.clip_benchmark`), written before `results.json`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from pipeline import clip_benchmark
 from pipeline.clip_model import LLM2CLIPConfig
 from pipeline.config import EvalModel, EvalSet, PipelineConfig
 from pipeline.eval_report import EvalReport, ModelRow, Problem
@@ -240,6 +242,7 @@ def run_evaluate(cfg: PipelineConfig, tracker: Tracker) -> EvaluateResult:
 
     with tempfile.TemporaryDirectory(prefix="eval-report-") as local:
         files = report.write(local)
+        files |= clip_benchmark.write(clip_benchmark.from_report(report), local)
         _log_report(tracker, report, files)
         print("\n" + files["results.md"].read_text())
         # results.json last: its presence on storage means the report is complete
@@ -289,6 +292,8 @@ def _log_report(tracker: Tracker, report: EvalReport, files: dict[str, Path]) ->
         tracker.log_figure(fig, f"evaluate/plots/{name}.png")
     for name in ("results.md", "results.json"):
         tracker.log_artifact(files[name], "evaluate")
+    if any(name.startswith(f"{clip_benchmark.DIR}/") for name in files):  # the folder in one call
+        tracker.log_artifact(files["results.md"].parent / clip_benchmark.DIR, f"evaluate/{clip_benchmark.DIR}")
 
 
 def _encoded(encoded: dict[str, EncodedTexts | EncoderFailed], ref: str, what: str) -> EncodedTexts:

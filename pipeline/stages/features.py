@@ -107,8 +107,9 @@ class TowerFeatures:
         })
 
 
-def _new_images(batch: pa.Table, existing: np.ndarray) -> pa.Table:
-    return batch.filter(pa.array(~np.isin(batch.column("image_id").to_numpy(zero_copy_only=False), existing)))
+def _new_images(batch: pa.Table, existing: pa.Array) -> pa.Table:
+    # Arrow's hash lookup: np.isin on object (string) arrays compares every pair (quadratic)
+    return batch.filter(pc.invert(pc.is_in(batch.column("image_id"), value_set=existing)))
 
 
 def _readable(batch: pa.Table) -> pa.Table:
@@ -129,7 +130,7 @@ def compute_features(store_uri: str, ref: str, images, image_size: int | None, m
     features, rejects = Store(store_uri, "features"), Store(store_uri, "rejects")
     images = images.select_columns(["image_id", "uri", "sha256"]).materialize()
     result.images = images.count()
-    existing = np.array(sorted(k[0] for k in features.keys(version)), dtype=object)
+    existing = features.read(version, columns=["image_id"]).column("image_id").combine_chunks() if features.commits(version) else pa.array([], pa.string())
     todo = images.map_batches(_new_images, fn_kwargs={"existing": existing}, batch_format="pyarrow") if len(existing) else images
     todo = todo.materialize()
     missing = todo.count()

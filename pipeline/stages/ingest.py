@@ -1,20 +1,23 @@
 """`ingest`: images + original captions -> image manifest, caption store, rejects.
 
 The source is the embedded default (rendered to `{storage}/datasets`, where every node reads
-it), a folder or prefix, a listing, or one image: a local path or a URI (s3://, gs://, file://).
-`listing_ingest.ingest_listing` reads and checks every new image in Ray Data and commits the
-stores. Re-ingesting the same listing adds nothing and opens no image; every input row ends as
+it), a folder or prefix, a listing, or one image: a local path or a URI (s3://, gs://, file://);
+or WebDataset shards (a brace pattern, a .tar, a folder or prefix of them: img2dataset's output).
+`listing_ingest.ingest_listing` and `shard_ingest.ingest_shards` read and check every new image
+in Ray Data and commit the stores. Re-ingesting the same listing adds nothing and opens no image; every input row ends as
 added, skipped or rejected.
 """
 
 from __future__ import annotations
 
-from pipeline import uri
+from pipeline import shards, uri
 from pipeline.config import PipelineConfig
 from pipeline.embedded import LISTING_NAME, dataset_dir, write_embedded_dataset
 from pipeline.lineage import ListingInput
 from pipeline.plans import StagePlan
-from pipeline.stages.listing_ingest import IngestResult, ingest_listing, listing_sha256
+from pipeline.stages.ingest_writer import IngestResult
+from pipeline.stages.listing_ingest import ingest_listing, listing_sha256
+from pipeline.stages.shard_ingest import ingest_shards
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store
 
@@ -27,7 +30,7 @@ def resolve_source(cfg: PipelineConfig, render: bool = True) -> str:
         if not render:
             return uri.join(dataset_dir(root, cfg.embedded), LISTING_NAME)
         return write_embedded_dataset(root, cfg.embedded, scratch=uri.join(cfg.run_dir, "datasets"))
-    return uri.absolute(cfg.ingest.source)
+    return cfg.ingest.source if shards.is_pattern(cfg.ingest.source) else uri.absolute(cfg.ingest.source)
 
 
 def plan_ingest(cfg: PipelineConfig) -> StagePlan:
@@ -42,12 +45,14 @@ def plan_ingest(cfg: PipelineConfig) -> StagePlan:
     commits = Store(cfg.store.uri, "manifest").commits(dataset)
     if sha and any(isinstance(i, ListingInput) and i.sha256 == sha for c in commits for i in c.lineage.inputs):
         return StagePlan("ingest", dataset, True, f"manifest {dataset} already holds listing {uri.name(listing)} (sha256 {sha[:12]})")
-    why = "a folder source is listed each run" if sha is None else f"listing {uri.name(listing)} not ingested yet"
+    why = "a folder or shard source is listed each run (what it had is skipped unopened)" if sha is None else f"listing {uri.name(listing)} not ingested yet"
     return StagePlan("ingest", dataset, False, why)
 
 
 def run_ingest(cfg: PipelineConfig, tracker: Tracker) -> IngestResult:
-    result = ingest_listing(cfg.store.uri, cfg.ingest, resolve_source(cfg), tracker.run_id)
+    source = resolve_source(cfg)
+    ingest = ingest_shards if cfg.ingest.source != "embedded" and shards.is_shard_source(source) else ingest_listing
+    result = ingest(cfg.store.uri, cfg.ingest, source, tracker.run_id)
     result.tracked_by(tracker)
     tracker.log_metrics({"input_rows": result.input_rows, "added": result.added, "skipped": result.skipped, "rejected": result.rejected,
                          "captions_added": result.captions_added} | {f"rejected.{k}": v for k, v in result.reject_reasons.items()})

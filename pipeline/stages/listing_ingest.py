@@ -19,7 +19,6 @@ without opening it; an unreadable one is retried on every refresh.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,16 +27,13 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline import uri
-from pipeline.captions import ORIGINAL_VERSION, PROVIDED_VERSION, caption_rows
 from pipeline.config import ImageLimits, IngestConfig
-from pipeline.images import ImageCheck, Reject, image_id_for, inspect_image, read_image_bytes
+from pipeline.images import ImageCheck, Reject, inspect_image, read_image_bytes
 from pipeline.lineage import Lineage, ListingInput
 from pipeline.listing import read_listing, sidecar_captions, stat_locations
-from pipeline.records import Tracked, label
-from pipeline.splits import assign_split
+from pipeline.stages.ingest_writer import ACCEPTED, IngestResult, IngestWriter
 from pipeline.store import Store, reject_row, utc_now
 from pipeline.versioning import code_version, stable_hash
-from schemas import STORE_SCHEMAS
 
 _CHECK_FIELDS = [
     ("ok", pa.bool_()),
@@ -50,29 +46,6 @@ _CHECK_FIELDS = [
 ]
 #: What the check tasks get of a listing row.
 _CHECK_INPUT = ["row", "uri", "captions", "dense_captions", "split", "metadata", "sidecar", "size", "mtime_ns"]
-ACCEPTED, REJECTED = "accepted", "rejected"
-#: Rejects decided by the bytes (under the image limits): recorded in `sources`, not re-opened while
-#: the file and the limits stay the same. A missing or unreadable file is tried again each run.
-SETTLED_REJECTS = {Reject.EMPTY_FILE, Reject.FILE_TOO_LARGE, Reject.NOT_AN_IMAGE, Reject.TRUNCATED,
-                   Reject.DECOMPRESSION_BOMB, Reject.TOO_SMALL, Reject.TOO_LARGE}
-FLUSH_ROWS = 8192  # rows buffered per store before a part file is staged
-
-
-@dataclass
-class IngestResult(Tracked):
-    dataset: str = label("dataset (manifest version)")
-    source: str
-    listing: str
-    input_rows: int = 0
-    added: int = 0
-    skipped: int = label("skipped (already in manifest)", default=0)
-    rejected: int = 0
-    captions_added: int = label("original/dense captions added", default=0)
-    unchanged: int = label("rows unchanged since they were checked (not opened)", default=0)
-    opened: int = label("images opened (read and checked)", default=0)
-    reject_reasons: dict[str, int] = field(default_factory=dict)
-    commits: dict[str, str | None] = field(default_factory=dict)  # store (and caption version) -> its commit, None: nothing new
-    store_uri: str = label("store", default="")
 
 
 def check_images(batch: pa.Table, limits: ImageLimits) -> pa.Table:
@@ -135,7 +108,7 @@ def ingest_listing(store_uri: str, icfg: IngestConfig, listing_path: str, run_id
     manifest version `icfg.dataset` under `store_uri`."""
     listing = _with_stats(read_listing(listing_path, icfg, read_sidecars=False))
     result = IngestResult(dataset=icfg.dataset, source=icfg.source, listing=listing_path, input_rows=listing.num_rows, store_uri=store_uri)
-    manifest, captions, rejects, sources = (Store(store_uri, n) for n in ("manifest", "captions", "rejects", "sources"))
+    manifest, sources = Store(store_uri, "manifest"), Store(store_uri, "sources")
     lineage = Lineage(stage="ingest", inputs=[ListingInput("listing", listing_path, listing_sha256(listing_path))],
                       config=icfg.model_dump(mode="json"), code=code_version(), mlflow_run_id=run_id)
     existing_ids = (manifest.read(icfg.dataset, columns=["image_id"]).column("image_id").combine_chunks()
@@ -143,105 +116,22 @@ def ingest_listing(store_uri: str, icfg: IngestConfig, listing_path: str, run_id
     limits_key = stable_hash(icfg.limits.model_dump(mode="json"), 12)
     recorded = sources.read(icfg.dataset) if sources.commits(icfg.dataset) else None
     triage = _triage(listing, recorded, existing_ids, limits_key, icfg.limits.max_bytes)
-    existing = set(existing_ids.to_pylist())
-    seen: dict[str, str] = {}  # image_id -> first uri of this run
-    reasons = Counter(triage.known_reasons)
     result.skipped, result.unchanged = triage.known_accepted, triage.known_accepted + sum(triage.known_reasons.values())
     result.rejected = sum(triage.known_reasons.values())
 
-    with (
-        manifest.begin(icfg.dataset, lineage, existing_keys={(i,) for i in existing}) as m_txn,
-        captions.begin(ORIGINAL_VERSION, lineage) as o_txn,
-        captions.begin(PROVIDED_VERSION, lineage) as p_txn,
-        rejects.begin(f"ingest.{icfg.dataset}", lineage) as r_txn,
-        sources.begin(icfg.dataset, lineage) as s_txn,
-    ):
-        out = {name: [] for name in ("manifest", "original", "provided", "rejects", "sources")}
-        txns = {"manifest": (m_txn, manifest), "original": (o_txn, captions), "provided": (p_txn, captions),
-                "rejects": (r_txn, rejects), "sources": (s_txn, sources)}
-
-        def flush(force: bool = False) -> None:
-            for name, rows in out.items():
-                if rows and (force or len(rows) >= FLUSH_ROWS):
-                    txn, store = txns[name]
-                    kept = txn.write(_table(rows, store))
-                    if name == "manifest":
-                        result.added += kept
-                    elif name in ("original", "provided"):
-                        result.captions_added += kept
-                    rows.clear()
-
-        now = utc_now()
-        out["rejects"] += triage.driver_rejects(now)
-        result.rejected += len(out["rejects"])
-        reasons.update(r["reason"] for r in out["rejects"])
+    with IngestWriter(store_uri, icfg, lineage, result, limits_key, set(existing_ids.to_pylist())) as writer:
+        writer.reasons.update(triage.known_reasons)
+        for row in triage.driver_rejects(utc_now()):
+            writer.reject(row)
         for batch in _checked(triage.to_check, icfg):
             now = utc_now()
             result.opened += batch.num_rows
             for row in batch.to_pylist():
-                reason = _one_result(row, icfg, now, existing, seen, out, limits_key)
-                if reason == "skipped":
-                    result.skipped += 1
-                elif reason != "added":  # counted when the manifest rows are written
-                    result.rejected += 1
-                    reasons[reason] += 1
-            flush()
-        flush(force=True)
-        # Captions first: a manifest row is never visible without its captions; `sources` last:
-        # a row is only recorded as seen once its image is in the manifest.
-        counts = {"input_rows": result.input_rows, "added": result.added, "skipped": result.skipped, "rejected": result.rejected,
-                  "unchanged": result.unchanged, "opened": result.opened}
-        for name, txn in (("captions.original", o_txn), ("captions.provided", p_txn), ("rejects", r_txn), ("manifest", m_txn),
-                          ("sources", s_txn)):
-            commit = txn.commit(counts)
-            result.commits[name] = commit.commit_id if commit else None
-    result.reject_reasons = dict(reasons)
-    if result.input_rows != result.added + result.skipped + result.rejected:
-        raise RuntimeError(f"ingest counts do not reconcile: {result}")
+                writer.add(row, now)
+            writer.flush()
+        writer.commit()
+    result.reconcile()
     return result
-
-
-def _one_result(row: dict, icfg: IngestConfig, now, existing: set[str], seen: dict[str, str], out: dict[str, list],
-                limits_key: str) -> str:
-    """File one checked row into the stores' buffers; return 'added', 'skipped' (its image is in
-    the manifest already) or the reason it is rejected."""
-    def source(outcome: str, image_id: str | None, reason: str | None, checked_with: str) -> None:
-        if row["size"] is not None and row["mtime_ns"] is not None:
-            out["sources"].append({"uri": row["uri"], "size": row["size"], "mtime_ns": row["mtime_ns"], "checked_with": checked_with,
-                                   "outcome": outcome, "image_id": image_id, "reason": reason, "checked_at": now})
-
-    if not row["ok"]:
-        out["rejects"].append(reject_row("ingest", row["uri"] or f"row {row['row']}", row["reason"], row["detail"], now))
-        if row["reason"] in SETTLED_REJECTS:
-            source(REJECTED, None, row["reason"], limits_key)
-        return row["reason"]
-    image_id = image_id_for(row["sha256"])
-    if image_id in seen:
-        detail = f"same bytes as {seen[image_id]} (image_id {image_id})"
-        out["rejects"].append(reject_row("ingest", row["uri"], Reject.DUPLICATE, detail, now))
-        source(REJECTED, image_id, Reject.DUPLICATE, "")
-        return Reject.DUPLICATE
-    seen[image_id] = row["uri"]
-    source(ACCEPTED, image_id, None, "")
-    if image_id in existing:
-        return "skipped"
-    out["manifest"].append(
-        {
-            "image_id": image_id,
-            "uri": row["uri"],
-            "sha256": row["sha256"],
-            "width": row["width"],
-            "height": row["height"],
-            "mode": row["mode"],
-            "split": row["split"] or assign_split(image_id, icfg.split_fractions),
-            "captions": row["captions"],
-            "metadata": row["metadata"],
-            "ingested_at": now,
-        }
-    )
-    out["original"] += caption_rows(image_id, row["captions"], ORIGINAL_VERSION, "original", now)
-    out["provided"] += caption_rows(image_id, row["dense_captions"], PROVIDED_VERSION, "dense", now)
-    return "added"
 
 
 def _checked(rows: pa.Table, icfg: IngestConfig):
@@ -326,7 +216,3 @@ def _triage(listing: pa.Table, recorded: pa.Table | None, existing_ids: pa.Array
                 reasons[item["values"]] = reasons.get(item["values"], 0) + item["counts"]
     to_check = listing.filter(pa.array(~(driver | known))).select(_CHECK_INPUT)
     return _Triage(listing, driver, to_check, accepted, reasons, max_bytes)
-
-
-def _table(rows: list[dict], store: Store) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=STORE_SCHEMAS[store.name])

@@ -233,9 +233,10 @@ class PipelineResult(Tracked):
 
 
 def pipeline_key(cfg: PipelineConfig) -> str:
-    """The pipeline's identity: its config without what only selects stages or places the run.
-    A re-run of the same pipeline reopens its MLflow parent run and its stages' runs."""
-    config = {k: v for k, v in config_to_dict(cfg).items() if k not in ("pipeline", "ray", "mlflow")}
+    """The pipeline's identity: its config without what only selects stages or places the run
+    (and `export`, a job the pipeline does not run). A re-run of the same pipeline reopens its
+    MLflow parent run and its stages' runs."""
+    config = {k: v for k, v in config_to_dict(cfg).items() if k not in ("pipeline", "ray", "mlflow", "export")}
     return "pipeline-" + stable_hash(config, 12)
 
 

@@ -21,7 +21,7 @@ from pipeline.records import Tracked, hidden, label, to_json
 from pipeline.stages import tracking
 from pipeline.stages.embed import EmbedResult, run_embed
 from pipeline.stages.ingest import run_ingest
-from pipeline.stages.listing_ingest import IngestResult
+from pipeline.stages.ingest_writer import IngestResult
 from pipeline.stages.recaption import RecaptionResult, run_recaption
 from pipeline.store import Store, read_record, resolve_filesystem, utc_now, write_record
 
