@@ -41,7 +41,8 @@ NAMESPACE = "llm2clip"
 MLFLOW_SECRET = "llm2clip-mlflow"
 
 #: Every job module in jobs/ (issue 20 adds `pipeline`); each needs a RayJob.
-EXPECTED_JOBS = ("ingest", "recaption", "embed", "corpus", "finetune_text", "train_clip", "evaluate", "sweep", "refresh", "pipeline")
+EXPECTED_JOBS = ("ingest", "recaption", "embed", "corpus", "finetune_text", "train_clip", "evaluate", "sweep", "refresh", "pipeline",
+                 "export")
 PIPELINE_STAGES = ("ingest", "recaption", "embed", "corpus", "finetune-text", "embed-finetuned", "train-clip", "evaluate", "sweep")
 COMMON_FLAGS = {"--config", "--set", "--validate-only", "--summary-json", "--help"}
 JOB_FLAGS = {job: set(COMMON_FLAGS) for job in EXPECTED_JOBS}
@@ -439,7 +440,8 @@ NO_RAY_WORK = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Persistent
                "NetworkPolicy", "ConfigMap", "Secret"}
 #: The stages of each single-stage job (jobs.refresh and jobs.pipeline: `job_stages`).
 SINGLE_STAGE_JOBS = {"ingest": "ingest", "recaption": "recaption", "embed": "embed", "corpus": "corpus",
-                     "finetune_text": "finetune-text", "train_clip": "train-clip", "evaluate": "evaluate", "sweep": "sweep"}
+                     "finetune_text": "finetune-text", "train_clip": "train-clip", "evaluate": "evaluate", "sweep": "sweep",
+                     "export": "export"}
 
 
 @dataclass(frozen=True)
@@ -512,7 +514,7 @@ def stage_steps(cfg: PipelineConfig, stage: str) -> list[list[Demand]]:
     """What a stage holds at once, per step (its steps run one after the other). Recaption reads
     images in zero-CPU tasks and embed materialises its input before its actors start, so
     neither needs a CPU beside its actors."""
-    if stage == "ingest":
+    if stage in ("ingest", "export"):  # export: Ray Data joins, then one CPU task per shard it writes
         return [[DATA_TASK]]
     if stage in ("recaption", "corpus"):  # corpus: text-mode passes of the recaption engine
         return [[actor_pool("recaption", cfg.recaption)]]

@@ -172,3 +172,22 @@ def test_killed_shard_ingest_keeps_committed_shards(tmp_path, s3, cluster, model
     manifest = Store(str(tmp_path / "store"), "manifest").read("web")
     assert manifest.num_rows == 15 and len(set(manifest.column("image_id").to_pylist())) == 15
     assert all(u.startswith("s3://shards/web/") and "#member=" in u for u in manifest.column("uri").to_pylist())
+
+
+def test_a_shard_is_known_only_when_every_sample_holds_under_these_limits():
+    """A shard counts as read when each of its samples has a `sources` row at the shard's current
+    size and mtime that holds under the current image limits; a reject decided under other limits
+    (or a changed shard) sends it to be read again."""
+    from pipeline.stages.shard_ingest import _known_shards
+
+    stats = pa.table({"uri": ["/a.tar", "/b.tar", "/c.tar"], "size": [10, 20, 30], "mtime_ns": [1, 2, 3], "found": [True, True, True]})
+    member = lambda shard, name: str(shards.MemberRef(shard, name, 512, 9))  # noqa: E731
+    recorded = pa.table({
+        "uri": [member("/a.tar", "x.png"), member("/a.tar", "y.png"), member("/b.tar", "z.png"), shards.sample_uri("/b.tar", "q"),
+                member("/c.tar", "w.png")],
+        "size": [10, 10, 20, 20, 31], "mtime_ns": [1, 1, 2, 2, 3],  # c.tar has grown since
+        "checked_with": ["", "NEW", "", "OLD", ""], "outcome": ["accepted", "rejected", "accepted", "rejected", "accepted"],
+        "image_id": ["i1", None, "i2", None, "i3"], "reason": [None, "too_small", None, "no_image_member", None]})
+    known, todo = _known_shards(stats, recorded, pa.array(["i1", "i2", "i3"]), "NEW")
+    assert {s: (c.rows, c.accepted, c.reasons) for s, c in known.items()} == {"/a.tar": (2, 1, {"too_small": 1})}
+    assert todo.column("shard").to_pylist() == ["/b.tar", "/c.tar"]

@@ -192,19 +192,28 @@ def _known_shards(stats: pa.Table, recorded: pa.Table | None, existing_ids: pa.A
         rows = recorded.append_column("shard", shard).join(found.select(["uri", "size", "mtime_ns"]).rename_columns(
             ["shard", "shard_size", "shard_mtime"]), keys="shard", join_type="inner")
         current = pc.and_(pc.equal(rows.column("size"), rows.column("shard_size")), pc.equal(rows.column("mtime_ns"), rows.column("shard_mtime")))
-        rows = rows.filter(pc.and_(current, pc.is_in(rows.column("checked_with"), value_set=pa.array(["", limits_key]))))
-        accepted = pc.equal(rows.column("outcome"), ACCEPTED)
-        stale = pc.and_(accepted, pc.invert(pc.fill_null(pc.is_in(rows.column("image_id"), value_set=existing_ids), False)))
-        rows = rows.select(["shard", "reason"]).append_column("accepted", pc.cast(accepted, pa.int64())).append_column(
-            "stale", pc.cast(stale, pa.int64()))
-        per_shard = rows.group_by("shard").aggregate([("accepted", "count"), ("accepted", "sum"), ("stale", "sum")])
-        for r in per_shard.to_pylist():
-            if not r["stale_sum"]:  # an accepted image the manifest lacks: read the shard again
-                known[r["shard"]] = _ShardCount(r["accepted_count"], r["accepted_sum"])
-        rejected = rows.filter(pc.is_valid(rows.column("reason")))
-        for r in rejected.group_by(["shard", "reason"]).aggregate([("reason", "count")]).to_pylist():
-            if r["shard"] in known:
-                known[r["shard"]].reasons[r["reason"]] = r["reason_count"]
+        rows = rows.filter(current).select(["shard", "uri", "checked_with", "outcome", "image_id", "reason"])
+        # Under other image limits a reject may be decided differently: a shard is known when
+        # every one of its samples has a row that holds under these limits (an accepted image's
+        # row holds under any), and each sample counts once, accepted before rejected.
+        allowed = rows.filter(pc.is_in(rows.column("checked_with"), value_set=pa.array(["", limits_key])))
+        accepted = allowed.filter(pc.equal(allowed.column("outcome"), ACCEPTED))
+        stale = accepted.filter(pc.invert(pc.fill_null(pc.is_in(accepted.column("image_id"), value_set=existing_ids), False)))
+        rejected = allowed.filter(pc.invert(pc.is_in(allowed.column("uri"), value_set=accepted.column("uri").combine_chunks())))
+
+        def per_shard(table: pa.Table) -> dict[str, int]:
+            counted = table.group_by("shard").aggregate([("uri", "count_distinct")])
+            return dict(zip(counted.column("shard").to_pylist(), counted.column("uri_count_distinct").to_pylist()))
+
+        samples, covered, accepted_n = per_shard(rows), per_shard(allowed), per_shard(accepted)
+        unusable = set(stale.column("shard").to_pylist())  # an accepted image the manifest lacks: read again
+        for shard, n in samples.items():
+            if covered.get(shard) == n and shard not in unusable:
+                known[shard] = _ShardCount(n, accepted_n.get(shard, 0))
+        by_reason = rejected.group_by(["shard", "reason"]).aggregate([("uri", "count_distinct")])
+        for shard, reason, n in zip(*(by_reason.column(c).to_pylist() for c in ("shard", "reason", "uri_count_distinct"))):
+            if shard in known:
+                known[shard].reasons[reason] = n
     todo = found.filter(pc.invert(pc.is_in(found.column("uri"), value_set=pa.array(list(known), pa.string()))))
     return known, todo.select(["uri", "size", "mtime_ns"]).rename_columns(["shard", "size", "mtime_ns"])
 
