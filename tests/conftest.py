@@ -3,6 +3,7 @@ ports, so a developer's demo cluster is left alone, and the prepared models."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -225,6 +226,17 @@ def run_stage(module: str, config: Path, cluster: dict[str, str], *extra: str, t
     out = run_job(module, config, cluster, "--summary-json", str(path), *extra, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return load_result(module, path)
+
+
+@contextlib.contextmanager
+def changed_since_ingest(uri: str):
+    """An image file whose bytes changed after ingest, restored afterwards (the tests share the files)."""
+    original = Path(uri).read_bytes()
+    Path(uri).write_bytes(b"not the ingested bytes")
+    try:
+        yield
+    finally:
+        Path(uri).write_bytes(original)
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, proc: subprocess.Popen | None = None, every: float = 0.2):

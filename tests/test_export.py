@@ -4,7 +4,6 @@ bytes changed after ingest; a re-run does nothing; an interrupted export is redo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -22,20 +21,9 @@ from pipeline.config import load_config
 from pipeline.stages.export import plan_export
 from pipeline.store import Store
 from pipeline.webdataset_io import Sample, image_member, shard_name, write_tar
-from tests.conftest import CLIP_MODELS, run_stage_here, write_config
+from tests.conftest import changed_since_ingest, CLIP_MODELS, run_stage_here, write_config
 
 PER_SHARD = 16  # 70 images: 5 shards
-
-
-@contextlib.contextmanager
-def changed_since_ingest(uri: str):
-    """An image file whose bytes changed after ingest, restored afterwards (the stores are shared)."""
-    original = Path(uri).read_bytes()
-    Path(uri).write_bytes(b"not the ingested bytes")
-    try:
-        yield
-    finally:
-        Path(uri).write_bytes(original)
 
 
 def _digests(folder: Path) -> dict[str, str]:

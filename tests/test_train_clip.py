@@ -5,7 +5,6 @@ samples the main run joined (a cheap sweep whose driver is killed, then resumed)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from pipeline.stages.clip_task import MEAN_R1
 from pipeline.stages.sweep import sweep_name
 from pipeline.store import Store
 from pipeline.training import TrainState
-from tests.conftest import (CLIP_TINY, clip_config, crash_job, ingest_in_process, registered_step, run_stage_here, start_job,
+from tests.conftest import (changed_since_ingest, CLIP_TINY, clip_config, crash_job, ingest_in_process, registered_step, run_stage_here, start_job,
                             wait_for_free_cpus, wait_until)
 
 TINY = CLIP_TINY
@@ -45,17 +44,6 @@ def store(clip_store):
 # the main run's recipe: accum_steps 2 (the contrastive batch of 8 spans two micro-batches of 2 on
 # each of 2 workers); bf16 and gradient checkpointing as on GPUs (DeepSpeed's CPU accelerator here)
 MAIN = dict(epochs=2, accum_steps=2, precision="bf16", gradient_checkpointing=True, min_coverage=0.5)
-
-
-@contextlib.contextmanager
-def changed_since_ingest(uri: str):
-    """An image file whose bytes changed after ingest, restored afterwards (the tests share the files)."""
-    original = Path(uri).read_bytes()
-    Path(uri).write_bytes(b"not the ingested bytes")
-    try:
-        yield
-    finally:
-        Path(uri).write_bytes(original)
 
 
 @pytest.fixture(scope="module")
