@@ -42,7 +42,8 @@ def is_pattern(source: str) -> bool:
 
 
 def is_shard_source(source: str) -> bool:
-    """A brace pattern, a `.tar`, or a folder or prefix whose files include `.tar` shards."""
+    """A brace pattern, a `.tar`, or a folder or prefix whose files include `.tar` shards and no
+    image (a folder of images with a stray archive in it stays a folder of images)."""
     location = uri.absolute(source)
     if is_pattern(source) or uri.suffix(location) == SHARD_SUFFIX:
         return True
@@ -51,7 +52,8 @@ def is_shard_source(source: str) -> bool:
             return False
         fs, path = uri.filesystem(location)
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-        return any(i.type == pafs.FileType.File and i.base_name.endswith(SHARD_SUFFIX) for i in infos)
+        names = [i.base_name for i in infos if i.type == pafs.FileType.File]
+        return any(n.endswith(SHARD_SUFFIX) for n in names) and not any(split_key(n)[1] in IMAGE_EXTENSIONS for n in names)
     except (OSError, uri.LocationError):
         return False
 

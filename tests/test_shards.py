@@ -191,3 +191,11 @@ def test_a_shard_is_known_only_when_every_sample_holds_under_these_limits():
     known, todo = _known_shards(stats, recorded, pa.array(["i1", "i2", "i3"]), "NEW")
     assert {s: (c.rows, c.accepted, c.reasons) for s, c in known.items()} == {"/a.tar": (2, 1, {"too_small": 1})}
     assert todo.column("shard").to_pylist() == ["/b.tar", "/c.tar"]
+
+
+def test_a_folder_of_images_with_a_stray_archive_stays_a_folder_of_images(tmp_path):
+    (tmp_path / "00000.tar").write_bytes(b"")
+    (tmp_path / "00000.parquet").write_bytes(b"")
+    assert shards.is_shard_source(str(tmp_path)) and shards.is_shard_source(f"{tmp_path}/{{00000..00000}}.tar")
+    (tmp_path / "photo.jpg").write_bytes(_jpeg(1))
+    assert not shards.is_shard_source(str(tmp_path))

@@ -55,7 +55,8 @@ def run_ingest(cfg: PipelineConfig, tracker: Tracker) -> IngestResult:
     result = ingest(cfg.store.uri, cfg.ingest, source, tracker.run_id)
     result.tracked_by(tracker)
     tracker.log_metrics({"input_rows": result.input_rows, "added": result.added, "skipped": result.skipped, "rejected": result.rejected,
-                         "captions_added": result.captions_added} | {f"rejected.{k}": v for k, v in result.reject_reasons.items()})
+                         "captions_added": result.captions_added, "opened": result.opened, "shards": result.shards,
+                         "shards_skipped": result.shards_skipped} | {f"rejected.{k}": v for k, v in result.reject_reasons.items()})
     tracker.set_tags({"llm2clip.output.manifest": result.dataset, "llm2clip.store_uri": cfg.store.uri,
                       **{f"llm2clip.commit.{k}": v for k, v in result.commits.items() if v}})
     tracker.log_result(result, "ingest")
