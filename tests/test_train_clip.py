@@ -125,16 +125,16 @@ def _trial_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> lis
     return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def _tune_has_ended(experiment: Path, trial_ids: set[str]) -> bool:
-    """Tune's newest experiment state (what `Tuner.restore` reads) records these trials as ended."""
+def _tune_ended(experiment: Path) -> set[str]:
+    """The trials Tune's newest experiment state (what `Tuner.restore` reads) records as ended."""
     states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
     if not states:
-        return False
+        return set()
     try:
         trials = [json.loads(state) for state, _ in json.loads(states[-1].read_text())["trial_data"]]
     except (OSError, ValueError):  # being written
-        return False
-    return trial_ids <= {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
+        return set()
+    return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(trained, store, cluster, ray_session):
@@ -155,12 +155,14 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(trained, store
 
     proc = start_job("jobs.sweep", config, cluster)
     first = wait_until(finished_trials, 600, "no trial finished", proc, every=1.0)
-    wait_until(lambda: _tune_has_ended(root / "run" / "ray_results" / "sweeps" / name, first), 60,
-               "Tune's experiment state did not record the finished trial", proc)
-    finished_before = finished_trials()
+    experiment = root / "run" / "ray_results" / "sweeps" / name
+    wait_until(lambda: first <= _tune_ended(experiment), 60, "Tune's experiment state did not record the finished trial", proc)
     killed_at = time.time() * 1000
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies with the trials it runs
     proc.wait(timeout=60)
+    # finished before the kill: in MLflow and in the state Tune resumes from (a trial may finish in
+    # MLflow a moment before Tune records it; the resumed sweep then runs it again, rightly)
+    finished_before = finished_trials() & _tune_ended(experiment)
     assert len(finished_before) < SWEEP["trials"], "every trial finished before the kill: nothing was left to resume"
     wait_for_free_cpus()
 
