@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = REPO / ".run" / "models"
+MODELS = Path(os.environ.get("LLM2CLIP_RUN_DIR", REPO / ".run")).resolve() / "models"  # where `make models` puts them
 GOAL_PER_ITEM_RATIO = 1.3
 GOAL_RSS_BYTES = 1.5e9
 GOAL_RERUN_S = 60.0
