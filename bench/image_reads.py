@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.ingest_refresh import start_moto
+from bench.ingest_refresh import start_moto, stop_moto
 from bench.scale import png, write_shards
 from pipeline import shards, uri
 from pipeline.images import read_uri
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["s3"] = measure(remote, "s3://bench/cache")
         assert all(png(0)[:8] == d[:8] for _, d in local[:1])  # PNGs, as written
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        stop_moto(server)
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(report))
     return report

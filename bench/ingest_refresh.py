@@ -117,6 +117,11 @@ def start_moto() -> subprocess.Popen:
             time.sleep(0.2)
 
 
+def stop_moto(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+
+
 def run_s3(base: list[str], n: int, new: int) -> dict:
     """The same steps with the images and the listing in a bucket of the moto server (no blanking:
     a rewritten object gets a new LastModified; step 1 is proved by `opened`)."""
@@ -172,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
                 s3_grown_opened_only_new=s3["refresh_grown"]["opened"] == args.new == s3["refresh_grown"]["added"])
     finally:
         if server is not None:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=30)
+            stop_moto(server)
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(report))
     return report

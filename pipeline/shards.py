@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,10 +113,13 @@ def region_uri(shard: str, offset: int) -> str:
     return f"{shard}#offset={offset}"
 
 
+#: The fragment of a location inside a shard: a member, a sample (key) or a damaged region.
+FRAGMENT_REGEX = r"#(member|key|offset)=.*$"
+
+
 def shard_of(location: str) -> str:
     """The shard a member reference or sample uri belongs to (the location itself otherwise)."""
-    shard, hash_, fragment = location.rpartition("#")
-    return shard if hash_ and fragment.startswith(("member=", "key=", "offset=")) else location
+    return re.sub(FRAGMENT_REGEX, "", location)
 
 
 def read_member(ref: MemberRef) -> bytes:

@@ -24,6 +24,7 @@ from pipeline.lineage import Lineage
 from pipeline.records import Tracked, label
 from pipeline.splits import assign_split
 from pipeline.store import Store, reject_row
+from pipeline.versioning import stable_hash
 from schemas import STORE_SCHEMAS
 
 ACCEPTED, REJECTED = "accepted", "rejected"
@@ -60,6 +61,24 @@ class IngestResult(Tracked):
     def reconcile(self) -> None:
         if self.input_rows != self.added + self.skipped + self.rejected:
             raise RuntimeError(f"ingest counts do not reconcile: {self}")
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What the stores hold for a manifest version before an ingest: its image ids, the `sources`
+    records (None: none yet), and the key of the image limits that rejects are recorded under."""
+
+    existing_ids: pa.Array
+    recorded: pa.Table | None
+    limits_key: str
+
+    @classmethod
+    def of(cls, store_uri: str, icfg: IngestConfig) -> Prior:
+        manifest, sources = Store(store_uri, "manifest"), Store(store_uri, "sources")
+        existing = (manifest.read(icfg.dataset, columns=["image_id"]).column("image_id").combine_chunks()
+                    if manifest.commits(icfg.dataset) else pa.array([], pa.string()))
+        return cls(existing, sources.read(icfg.dataset) if sources.commits(icfg.dataset) else None,
+                   stable_hash(icfg.limits.model_dump(mode="json"), 12))
 
 
 class IngestWriter:

@@ -31,9 +31,9 @@ from pipeline.config import ImageLimits, IngestConfig
 from pipeline.images import ImageCheck, Reject, inspect_image, read_image_bytes
 from pipeline.lineage import Lineage, ListingInput
 from pipeline.listing import read_listing, sidecar_captions, stat_locations
-from pipeline.stages.ingest_writer import ACCEPTED, IngestResult, IngestWriter
-from pipeline.store import Store, reject_row, utc_now
-from pipeline.versioning import code_version, stable_hash
+from pipeline.stages.ingest_writer import ACCEPTED, IngestResult, IngestWriter, Prior
+from pipeline.store import reject_row, utc_now
+from pipeline.versioning import code_version
 
 _CHECK_FIELDS = [
     ("ok", pa.bool_()),
@@ -108,18 +108,14 @@ def ingest_listing(store_uri: str, icfg: IngestConfig, listing_path: str, run_id
     manifest version `icfg.dataset` under `store_uri`."""
     listing = _with_stats(read_listing(listing_path, icfg, read_sidecars=False))
     result = IngestResult(dataset=icfg.dataset, source=icfg.source, listing=listing_path, input_rows=listing.num_rows, store_uri=store_uri)
-    manifest, sources = Store(store_uri, "manifest"), Store(store_uri, "sources")
     lineage = Lineage(stage="ingest", inputs=[ListingInput("listing", listing_path, listing_sha256(listing_path))],
                       config=icfg.model_dump(mode="json"), code=code_version(), mlflow_run_id=run_id)
-    existing_ids = (manifest.read(icfg.dataset, columns=["image_id"]).column("image_id").combine_chunks()
-                    if manifest.commits(icfg.dataset) else pa.array([], pa.string()))
-    limits_key = stable_hash(icfg.limits.model_dump(mode="json"), 12)
-    recorded = sources.read(icfg.dataset) if sources.commits(icfg.dataset) else None
-    triage = _triage(listing, recorded, existing_ids, limits_key, icfg.limits.max_bytes)
+    prior = Prior.of(store_uri, icfg)
+    triage = _triage(listing, prior.recorded, prior.existing_ids, prior.limits_key, icfg.limits.max_bytes)
     result.skipped, result.unchanged = triage.known_accepted, triage.known_accepted + sum(triage.known_reasons.values())
     result.rejected = sum(triage.known_reasons.values())
 
-    with IngestWriter(store_uri, icfg, lineage, result, limits_key, set(existing_ids.to_pylist())) as writer:
+    with IngestWriter(store_uri, icfg, lineage, result, prior.limits_key, set(prior.existing_ids.to_pylist())) as writer:
         writer.reasons.update(triage.known_reasons)
         for row in triage.driver_rejects(utc_now()):
             writer.reject(row)

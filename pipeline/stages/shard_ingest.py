@@ -34,9 +34,9 @@ from pipeline.faults import crash_point
 from pipeline.images import Reject, inspect_image
 from pipeline.lineage import Lineage, ListingInput
 from pipeline.listing import VALID_SPLITS, stat_locations
-from pipeline.stages.ingest_writer import ACCEPTED, IngestResult, IngestWriter
-from pipeline.store import Store, utc_now
-from pipeline.versioning import code_version, stable_hash
+from pipeline.stages.ingest_writer import ACCEPTED, IngestResult, IngestWriter, Prior
+from pipeline.store import utc_now
+from pipeline.versioning import code_version
 
 #: One checked sample, as a shard task returns it (the writer's row, plus its shard).
 CHECKED_SCHEMA = pa.schema([
@@ -132,17 +132,13 @@ def ingest_shards(store_uri: str, icfg: IngestConfig, source: str, run_id: str |
         raise uri.LocationError(f"ingest source {source}: no .tar shards there")
     stats = stat_locations(located).sort_by("uri")
     result = IngestResult(dataset=icfg.dataset, source=icfg.source, listing=source, store_uri=store_uri, shards=stats.num_rows)
-    manifest, sources = Store(store_uri, "manifest"), Store(store_uri, "sources")
     lineage = Lineage(stage="ingest", inputs=[ListingInput("shards", source, None)], config=icfg.model_dump(mode="json"),
                       code=code_version(), mlflow_run_id=run_id)
-    existing_ids = (manifest.read(icfg.dataset, columns=["image_id"]).column("image_id").combine_chunks()
-                    if manifest.commits(icfg.dataset) else pa.array([], pa.string()))
-    limits_key = stable_hash(icfg.limits.model_dump(mode="json"), 12)
-    recorded = sources.read(icfg.dataset) if sources.commits(icfg.dataset) else None
-    known, todo = _known_shards(stats, recorded, existing_ids, limits_key)
+    prior = Prior.of(store_uri, icfg)
+    known, todo = _known_shards(stats, prior.recorded, prior.existing_ids, prior.limits_key)
     result.shards_skipped = len(known)
 
-    with IngestWriter(store_uri, icfg, lineage, result, limits_key, set(existing_ids.to_pylist())) as writer:
+    with IngestWriter(store_uri, icfg, lineage, result, prior.limits_key, set(prior.existing_ids.to_pylist())) as writer:
         for count in known.values():
             result.input_rows += count.rows
             result.unchanged += count.rows
@@ -188,7 +184,7 @@ def _known_shards(stats: pa.Table, recorded: pa.Table | None, existing_ids: pa.A
     found = stats.filter(pc.fill_null(stats.column("found"), False))
     known: dict[str, _ShardCount] = {}
     if recorded is not None and recorded.num_rows:
-        shard = pc.replace_substring_regex(recorded.column("uri"), r"#(member|key|offset)=.*$", "")
+        shard = pc.replace_substring_regex(recorded.column("uri"), shards.FRAGMENT_REGEX, "")
         rows = recorded.append_column("shard", shard).join(found.select(["uri", "size", "mtime_ns"]).rename_columns(
             ["shard", "shard_size", "shard_mtime"]), keys="shard", join_type="inner")
         current = pc.and_(pc.equal(rows.column("size"), rows.column("shard_size")), pc.equal(rows.column("mtime_ns"), rows.column("shard_mtime")))
