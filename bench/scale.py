@@ -98,9 +98,9 @@ class PeakRss:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def overrides(root: Path, pattern: str, items: int) -> list[str]:
+def overrides(root: Path, pattern: str, items: int, models: Path = MODELS) -> list[str]:
     return [f"run_dir={root}/run", f"store.uri={root}/store", "ray.address=local", "mlflow.enabled=false",
-            f"models.dir={MODELS}", f"models.llm={MODELS}/tiny-llama", f"models.vision={MODELS}/tiny-clip-vision",
+            f"models.dir={models}", f"models.llm={models}/tiny-llama", f"models.vision={models}/tiny-clip-vision",
             f"ingest.source={pattern}", "ingest.dataset=scale", "ingest.batch_size=512",
             "embed.caption_versions=[original]", "embed.actors=2", "embed.batch_size=1024", "embed.micro_batch_size=256",
             "embed.cra_split=null", "embed.precision=fp32",
@@ -110,8 +110,9 @@ def overrides(root: Path, pattern: str, items: int) -> list[str]:
             f"train_clip.checkpoint_every={max(10, items // 256)}", "train_clip.warmup_steps=0", "train_clip.register_as=null"]
 
 
-def run_one(items: int, per_shard: int, root: Path) -> dict:
-    """One size, in this process: shards written, four stages, then the same four again."""
+def run_one(items: int, per_shard: int, root: Path, models: Path = MODELS) -> dict:
+    """One size, in this process: shards written, four stages, then the same four again. `models`: the
+    folder `make models` filled (it holds tiny-llama and tiny-clip-vision)."""
     from pipeline.config import load_config
     from pipeline.stages import runtime
     from pipeline.stages.clip_samples import ClipInputs
@@ -123,7 +124,7 @@ def run_one(items: int, per_shard: int, root: Path) -> dict:
     began = time.perf_counter()
     pattern = write_shards(root / "shards", items, per_shard)
     report: dict = {"items": items, "per_shard": per_shard, "write_shards_s": round(time.perf_counter() - began, 1)}
-    cfg = load_config(str(REPO / "configs" / "local.yaml"), overrides(root, pattern, items))
+    cfg = load_config(str(REPO / "configs" / "local.yaml"), overrides(root, pattern, items, models))
     runtime.connect(cfg.ray, cfg.run_dir)
     steps = {"ingest": lambda: run_ingest(cfg, Tracker(None, None)),
              "embed": lambda: run_embed(cfg, Tracker(None, None)),

@@ -10,7 +10,8 @@ import json
 def test_scale_bench_smoke_run(tmp_path, ray_session, models):
     from bench.scale import STAGES, plot, run_one, table
 
-    report = run_one(1000, 250, tmp_path / "work")
+    # the models by the fixture's paths: the test session points LLM2CLIP_RUN_DIR at the test run dir
+    report = run_one(1000, 250, tmp_path / "work", models["tiny-llama"].parent)
     first, rerun = report["first"], report["rerun"]
     assert (first["ingest"]["added"], first["ingest"]["rejected"], first["ingest"]["opened"]) == (1000, 0, 1000)
     assert first["embed"]["written"] == 1000
