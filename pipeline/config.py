@@ -291,10 +291,13 @@ class RefreshConfig(Section):
 class LoraConfig(Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.05, ge=0, lt=1, description="LLM2Vec's 0.05; 0 skips the dropout pass over every adapted input")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    top_layers: int | None = Field(
+        None, ge=1, description="adapt only the top N decoder layers (None: all); the backward pass then stops at the lowest "
+        "adapted layer")
 
 
 class PairSource(Section):
@@ -368,6 +371,10 @@ class TrainerSettings(Section):
         None, description="where Ray Train persists checkpoints and the stage its outputs: a local path or a pyarrow URI "
         "(s3://, gs://); default {storage_uri}/ray_results")
     run_name: str | None = Field(None, description="resume key; default: a hash of the recipe and of the data it trains on")
+    read_ahead_batches: int = Field(4, ge=1, description="batches each worker reads ahead of its steps; the next epoch's pass "
+                                    "starts once this epoch's last batch is read, so an epoch's start-up overlaps the steps before it")
+    compile: bool = Field(False, description="torch.compile the model (Inductor); the first steps pay for compiling, reported "
+                          "as the run's first-step time")
 
     def settings(self) -> TrainerSettings:
         """Just these keys, as their own typed object (what the shared trainer takes)."""
@@ -429,6 +436,8 @@ class FinetuneTextConfig(TrainingStageConfig):
     encoder_max_length: int = Field(512, ge=8, **not_recipe("tokens the saved encoder (and CRA) reads; may exceed max_length"))
     scale: float = Field(50.0, gt=0, description="cosine similarity scale (1 / temperature)")
     hard_negatives: bool = False
+    packing: bool = Field(True, **not_recipe("a step's captions in one forward pass, several to a row with attention confined to "
+                                                 "each (the same loss as one padded pass per column, without the padding)"))
     bidirectional: bool = True
     pooling: Literal["mean", "weighted_mean", "last"] = "mean"
 

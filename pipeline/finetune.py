@@ -19,7 +19,18 @@ from torch import nn
 from pipeline.config import FinetuneTextConfig
 from pipeline.contrastive import ContrastiveLoss
 from pipeline.mntp import mask_token_id, mntp_inputs
-from pipeline.text_encoder import EncoderOptions, TextEncoder, attention_mask_for
+from pipeline.text_encoder import EncoderOptions, TextEncoder, model_inputs, positions
+
+def lora_options(cfg: FinetuneTextConfig, layers: int) -> dict[str, Any]:
+    """peft's LoraConfig keywords for the recipe; `top_layers` adapts only the top N of `layers`."""
+    lora = cfg.lora
+    options = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, bias="none")
+    if lora.top_layers is not None:
+        if lora.top_layers > layers:
+            raise ValueError(f"finetune_text.lora.top_layers: {lora.top_layers} is more than the model's {layers} layers")
+        options["layers_to_transform"] = list(range(layers - lora.top_layers, layers))
+    return options
+
 
 class TrainableEncoder(nn.Module):
     """A causal LM with LoRA on its projections. `forward(kind="embed", ...)` returns pooled
@@ -36,10 +47,7 @@ class TrainableEncoder(nn.Module):
         local = local_path(base_path)  # a storage or MLflow URI: into this node's model cache
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
         lm = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
-        lora = cfg.lora
-        self.peft = get_peft_model(
-            lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, bias="none")
-        )
+        self.peft = get_peft_model(lm, LoraConfig(**lora_options(cfg, lm.config.num_hidden_layers)))
         options = EncoderOptions(pooling=cfg.pooling, bidirectional=cfg.bidirectional, max_length=cfg.max_length)
         # The encoder view shares the (LoRA-injected) decoder stack with the LM. It is kept
         # out of the module tree so every parameter has one name (DeepSpeed, state dicts).
@@ -52,32 +60,35 @@ class TrainableEncoder(nn.Module):
         return self.encoder.tokenizer
 
     def forward(self, kind: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
         if kind == "embed":
-            return self.encoder(input_ids, attention_mask, pool_mask)
+            return self.encoder(input_ids, attention_mask, pool_mask, order)
         if kind == "mntp":
             lm = self.peft.get_base_model()
-            position_ids = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)
-            mask = attention_mask_for(attention_mask, True, lm.dtype, lm.config._attn_implementation)
-            return lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, labels=labels, use_cache=False).loss
+            inputs = model_inputs(attention_mask, True, lm.config, lm.dtype)
+            return lm(input_ids=input_ids, position_ids=positions(attention_mask), labels=labels, use_cache=False, **inputs).loss
         raise ValueError(f"unknown forward kind {kind!r}")
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
 
 
-def contrastive_loss(model: nn.Module, batch: dict[str, list[str]], loss_fn: ContrastiveLoss, device: torch.device) -> torch.Tensor:
+def contrastive_loss(model: nn.Module, batch: dict[str, list[str]], loss_fn: ContrastiveLoss, device: torch.device,
+                     packed: bool = False) -> torch.Tensor:
     """InfoNCE of one batch of (first, second[, negative]) captions; `model` may be the
-    DeepSpeed engine wrapping a TrainableEncoder."""
+    DeepSpeed engine wrapping a TrainableEncoder. `packed`: every caption of the batch in one
+    forward pass, several to a row (short captions fill the room beside long ones); else one
+    padded pass per column."""
     encoder_view: TextEncoder = _unwrap(model).encoder
-
-    def embed(texts: list[str]) -> torch.Tensor:
-        tokens = {k: v.to(device) for k, v in encoder_view.tokenize(texts).items()}
-        return model("embed", **tokens)
-
-    first, second = embed(batch["first"]), embed(batch["second"])
-    negatives = embed(batch["negative"]) if batch.get("negative") else None
-    return loss_fn(first, second, negatives)
+    columns = [list(batch["first"]), list(batch["second"])]
+    if batch.get("negative") is not None and len(batch["negative"]):
+        columns.append(list(batch["negative"]))
+    if packed:
+        tokens = {k: v.to(device) for k, v in encoder_view.pack([t for c in columns for t in c]).items()}
+        embedded = model("embed", **tokens).split([len(c) for c in columns])
+    else:
+        embedded = [model("embed", **{k: v.to(device) for k, v in encoder_view.tokenize(c).items()}) for c in columns]
+    return loss_fn(embedded[0], embedded[1], embedded[2] if len(embedded) > 2 else None)
 
 
 def mntp_loss(model: nn.Module, texts: list[str], device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -239,6 +239,7 @@ class StepTimes:
     seconds: float = 0.0
     wait_seconds: float = 0.0
     epoch_start_wait_seconds: float = 0.0  # of the wait, for an epoch's first batch (Ray Data starts the pass)
+    first_step_seconds: float | None = None  # the step left out: start-up, and compiling under `compile`
 
     def add(self, seconds: float, wait: float, epoch_start: bool) -> None:
         self.steps, self.seconds, self.wait_seconds = self.steps + 1, self.seconds + seconds, self.wait_seconds + wait

@@ -239,6 +239,32 @@ def test_corrupt_and_unembedded_images_are_reported_and_skipped(trained, store):
     assert {i for i, r in reasons.items() if r == "no_caption_embedding"} == bad["unembedded"]
 
 
+def test_the_one_task_join_equals_ray_datas(trained, tmp_path, ray_session):
+    """Small inputs are joined in one Arrow task, big ones in Ray Data's hash joins: the same
+    samples, ids, captions, vectors, digest and counts either way."""
+    import pyarrow.fs as pafs
+
+    from pipeline.stages.clip_samples import ClipInputs, join_samples
+
+    config, _, _ = trained
+    cfg = load_config(config)
+    inputs = ClipInputs.resolve(cfg)
+    metas, tables = {}, {}
+    for one_task in (True, False):
+        root = str(tmp_path / f"one-task-{one_task}")
+        metas[one_task] = join_samples(cfg, inputs.source, inputs.captions, pafs.LocalFileSystem(), root, one_task=one_task)
+        tables[one_task] = {s: pq.read_table(f"{root}/{s}") for s in ("train", "val")}
+    a, b = metas[True], metas[False]
+    assert (a.num_train, a.num_val, a.digest, a.images) == (b.num_train, b.num_val, b.digest, b.images)
+    assert {k: sorted(v) for k, v in a.missing.items()} == {k: sorted(v) for k, v in b.missing.items()} and any(a.missing.values())
+    assert a.num_train == tables[True]["train"].num_rows > 0
+    for split, key in (("train", "sample_id"), ("val", "image_id")):  # validation ids are any ids
+        one, ray_data = (tables[o][split].sort_by(key) for o in (True, False))
+        assert set(one.column_names) == set(ray_data.column_names)
+        drop = ["sample_id"] if split == "val" else []
+        assert one.drop_columns(drop).to_pylist() == ray_data.select(one.column_names).drop_columns(drop).to_pylist()
+
+
 def test_a_worker_killed_mid_step_is_replaced_and_the_run_resumes(tmp_path, trained, store, cluster, ray_session):
     """The main run's recipe and inputs again, under another storage path (so another run): a
     worker dies mid-step, Ray Train replaces the group, which resumes from the last checkpoint

@@ -44,6 +44,7 @@ from pipeline.captions import caption_rows
 from pipeline.lineage import Lineage, StoreInput
 from pipeline.records import Tracked, hidden, label, to_json
 from pipeline.stages.tracking import Tracker
+from pipeline.timing import Laps
 from pipeline.store import Store, reject_row, utc_now
 from pipeline.versioning import code_version
 from schemas import STORE_SCHEMAS
@@ -80,6 +81,7 @@ class RecaptionResult(Tracked):
     generated_tokens: int = 0
     seconds: float = hidden(default=0.0)
     engine_seconds: float = hidden(default=0.0)
+    phases: dict[str, float] = hidden(default_factory=dict)  # driver wall seconds per phase (pipeline.timing)
     reject_reasons: dict[str, int] = field(default_factory=dict)
     commits: list[str] = hidden(default_factory=list)
     samples: list[dict[str, str]] = hidden(default_factory=list)  # the first captions written, for a look
@@ -224,6 +226,7 @@ def caption_pass(cfg: PipelineConfig, tracker: Tracker) -> RecaptionResult:
     result = RecaptionResult(mode=rc.mode, model=model, caption_version=version, dataset=dataset)
     result.tracked_by(tracker)
     start = time.perf_counter()
+    laps = Laps()
     todo, result.input_images, result.skipped, result.skipped_rejected_before = select_images(cfg, version)
     result.skipped += result.skipped_rejected_before
     if rc.limit_images is not None:
@@ -240,9 +243,11 @@ def caption_pass(cfg: PipelineConfig, tracker: Tracker) -> RecaptionResult:
                       code=code_version(), mlflow_run_id=tracker.run_id)
     tracker.set_tags({"llm2clip.output.captions": version, "llm2clip.model": model, "llm2clip.store_uri": cfg.store.uri})
     log.info("recaption %s: %d images to caption, %d skipped, version %s", dataset, todo.num_rows, result.skipped, version)
+    laps("select")
     if todo.num_rows:
-        _caption(cfg, model, version, todo, lineage, result, captions, rejects)
+        _caption(cfg, model, version, todo, lineage, result, captions, rejects, laps)
     result.seconds = time.perf_counter() - start
+    result.phases = laps.seconds
     if result.input_images != result.captioned + result.skipped + result.rejected:
         raise RuntimeError(f"recaption counts do not reconcile: {result}")
 
@@ -257,7 +262,7 @@ def caption_pass(cfg: PipelineConfig, tracker: Tracker) -> RecaptionResult:
 
 
 def _caption(cfg: PipelineConfig, model: str, version: str, todo: pa.Table, lineage: Lineage, result: RecaptionResult,
-             captions: Store, rejects: Store) -> None:
+             captions: Store, rejects: Store, laps: Laps) -> None:
     rc = cfg.recaption
     use_gpu = rc.gpus_per_actor > 0
     precision = resolve_precision(rc.dtype, use_gpu)
@@ -304,6 +309,7 @@ def _caption(cfg: PipelineConfig, model: str, version: str, todo: pa.Table, line
 
     multi = rc.sampling.captions_per_image > 1
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+        laps("stream" if "first_batch" in laps.seconds else "first_batch")  # the first: actors and engines start
         now = utc_now()
         result.generated_tokens += int(pc.sum(batch.column("num_tokens")).as_py() or 0)
         result.engine_seconds += float(pc.sum(batch.column("seconds")).as_py() or 0.0)
@@ -319,11 +325,15 @@ def _caption(cfg: PipelineConfig, model: str, version: str, todo: pa.Table, line
             pending_captions += caption_rows(image_id, [row["text"]], version, rc.source, now, model=model, prompt_id=pid, first_index=row["index"])
             if len(result.samples) < 20:
                 result.samples.append({"image_id": image_id, "text": row["text"]})
+        laps("rows")
         if len(pending_captions) >= rc.commit_every:
             flush()
+            laps("commits")
             log.info("recaption: %d captions committed (%d/%d images done)", result.captions_written,
                      len(captioned_images | set(rejected_images)), todo.num_rows)
+    laps("stream")
     flush()
+    laps("commits")
     rejected_only = set(rejected_images) - captioned_images
     result.captioned = len(captioned_images)
     result.rejected = len(rejected_only)

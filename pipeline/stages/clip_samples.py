@@ -4,11 +4,12 @@
 version, or caption text for the CLIP text tower), the caption versions, the vision backbone,
 and where its samples live. A run, its plan and a sweep all start from it.
 
-The samples (driver, Ray Data; nothing is joined on the driver): the caption rows of the
-configured versions are joined to the embedding-store version on caption_id, grouped into one
-row per image, and joined to the manifest on image_id. Images without a usable caption are
-counted and left out (the run fails below `min_coverage`). The training samples are ordered by
-a seeded hash of their image id (a distributed sort) and numbered along that order, so a
+The samples (nothing is joined on the driver): the caption rows of the configured versions
+are joined to the embedding-store version on caption_id, grouped into one row per image, and
+joined to the manifest on image_id, in Ray Data (or, up to 100k caption rows, in one Ray task
+with Arrow: the hash joins' processes cost more than such a join). Images without a usable
+caption are counted and left out (the run fails below `min_coverage`). The training samples are
+ordered by a seeded hash of their image id (a distributed sort) and numbered along that order, so a
 checkpoint's data position (a bitmap of sample ids) means the same samples on every run of the
 same content. They are written once to `{storage}/samples/{key}`; every run of the same inputs
 reads them from there. Every epoch, Ray Data CPU tasks read, check, decode and randomly crop
@@ -252,8 +253,7 @@ def _collect_captions(group: pa.Table, payload: str) -> pa.Table:
                      "caption_version": as_list("caption_version"), payload: as_list(payload)})
 
 
-@ray.remote(num_returns=2)
-def _number(block: pa.Table, first_id: int, trained_versions: list[str]) -> tuple[pa.Table, int]:
+def _number_block(block: pa.Table, first_id: int, trained_versions: list[str]) -> tuple[pa.Table, int]:
     """Sample ids first_id.. along the block's (sorted) order, and the digest of what the block
     trains on: each image with the ids of its captions in the trained versions."""
     if block.num_rows == 0:  # an empty block may have no columns at all
@@ -262,6 +262,9 @@ def _number(block: pa.Table, first_id: int, trained_versions: list[str]) -> tupl
     rows = zip(block.column("image_id").to_pylist(), block.column("caption_id").to_pylist(), block.column("caption_version").to_pylist())
     digest = sum(sample_digest(image, [c for c, v in zip(caps, versions) if v in trained_versions]) for image, caps, versions in rows)
     return block.drop_columns(["order_key"]).append_column("sample_id", ids), digest
+
+
+_number = ray.remote(num_returns=2)(_number_block)
 
 
 @ray.remote
@@ -296,8 +299,7 @@ def _mark_usable(batch: pa.Table, wanted: dict[str, tuple[str, ...]]) -> pa.Tabl
     return batch.append_column("usable", pa.array(usable, type=pa.bool_()))
 
 
-@ray.remote
-def _tally(block: pa.Table) -> tuple[Counter, dict[str, list[str]]]:
+def _tally_block(block: pa.Table) -> tuple[Counter, dict[str, list[str]]]:
     """Images per split in a block, and the ids of those that are not usable."""
     missing: dict[str, list[str]] = {}
     for image_id, split, usable in zip(*(block.column(c).to_pylist() for c in ("image_id", "split", "usable"))):
@@ -306,19 +308,35 @@ def _tally(block: pa.Table) -> tuple[Counter, dict[str, list[str]]]:
     return Counter(block.column("split").to_pylist()), missing
 
 
+_tally = ray.remote(_tally_block)
+
+
 ROWS_PER_PARTITION = 100_000
 
 
-def join_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan, fs, root: str) -> SamplesMeta:
-    """Join captions (and their embeddings) into one row per image and that to the manifest, in
-    Ray Data; count and leave out images without a usable caption; number the samples; write
-    them under `root`, the meta last."""
+def join_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan, fs, root: str, one_task: bool | None = None) -> SamplesMeta:
+    """Join captions (and their embeddings) into one row per image and that to the manifest;
+    count and leave out images without a usable caption; number the samples; write them under
+    `root`, the meta last. Up to one hash partition's worth of caption rows (`one_task` None) the
+    join runs in one Ray task with Arrow, as the same steps; beyond, in Ray Data's hash joins,
+    whose aggregator processes cost ~30 s to start here, whatever the size."""
     tc = cfg.train_clip
     payload = PAYLOAD[source.tower]
     caption_store, manifest = Store(cfg.store.uri, "captions"), Store(cfg.store.uri, "manifest")
     # A hash partition (one aggregator process each) per ~100k caption rows, up to the cluster's
     # CPUs: a small join spread over every CPU of a big cluster pays more in processes than it saves.
     caption_rows = sum(caption_store.num_rows(v) for v in captions.versions)
+    wanted = {tc.train_split: captions.trained, tc.val_split: captions.evaluated}
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        fs.delete_dir(root)  # an interrupted write
+    if one_task if one_task is not None else caption_rows <= ROWS_PER_PARTITION:
+        num_train, num_val, digest, missing, totals = ray.get(_join_in_one_task.remote(
+            cfg.store.uri, captions.versions, source.encoder_version if payload == "embedding" else None, tc.dataset or cfg.ingest.dataset,
+            payload, wanted, (tc.train_split, tc.val_split), tc.seed, captions.trained, fs, root))
+        meta = SamplesMeta(num_train, num_val, f"{digest:016x}", missing, {s: totals.get(s, 0) for s in wanted}, captions.versions,
+                           source.encoder_version, utc_now().isoformat())
+        write_meta(fs, root, meta)
+        return meta
     partitions = max(2, min(int(ray.cluster_resources().get("CPU", 2)), caption_rows // ROWS_PER_PARTITION + 1))
     rows = ray.data.read_parquet([f for v in captions.versions for f in caption_store.files(v)], filesystem=caption_store.fs).select_columns(
         ["caption_id", "image_id", "caption_version"] + (["text"] if payload == "text" else []))
@@ -329,7 +347,6 @@ def join_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan,
         rows = rows.join(vectors, "inner", num_partitions=partitions, on=("caption_id",))
     per_image = rows.groupby("image_id", num_partitions=partitions).map_groups(
         _collect_captions, fn_kwargs={"payload": payload}, batch_format="pyarrow")
-    wanted = {tc.train_split: captions.trained, tc.val_split: captions.evaluated}
     images = ray.data.read_parquet(manifest.files(tc.dataset or cfg.ingest.dataset), filesystem=manifest.fs).select_columns(
         ["image_id", "uri", "sha256", "split"]).filter(lambda r: r["split"] in wanted)
     joined = images.join(per_image, "left_outer", num_partitions=partitions, on=("image_id",)).map_batches(
@@ -343,8 +360,6 @@ def join_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan,
     def of_split(split: str):
         return joined.filter(lambda r, s=split: r["split"] == s and r["usable"]).drop_columns(["split", "usable"])
 
-    if fs.get_file_info(root).type != pafs.FileType.NotFound:
-        fs.delete_dir(root)  # an interrupted write
     train, num_train, digest = _numbered(of_split(tc.train_split), tc.seed, captions.trained)
     val, num_val, _ = _numbered(of_split(tc.val_split), tc.seed, captions.trained, ordered=False)  # never trained: any ids do
     train.write_parquet(f"{root}/train", filesystem=fs)
@@ -354,3 +369,52 @@ def join_samples(cfg: PipelineConfig, source: TextSource, captions: CaptionPlan,
     write_meta(fs, root, meta)
     return meta
 
+
+
+@ray.remote
+def _join_in_one_task(store_uri: str, versions: list[str], encoder_version: str | None, dataset: str, payload: str,
+                      wanted: dict[str, tuple[str, ...]], splits: tuple[str, str], seed: int, trained_versions: list[str], fs, root: str):
+    """`join_samples`' steps on Arrow tables in one task (any node: everything is read from and
+    written to storage): captions (with their embeddings) into one row per image, ordered by
+    version then caption id; that onto the manifest's images; usable marked and tallied; the
+    training samples numbered along their seeded order key. Returns (num_train, num_val, digest,
+    missing, totals)."""
+    import pyarrow.parquet as pq
+
+    captions, manifest = Store(store_uri, "captions"), Store(store_uri, "manifest")
+    rows = pa.concat_tables([captions.read(v, columns=["caption_id", "image_id", "caption_version"] + (["text"] if payload == "text" else []))
+                             for v in versions])
+    if payload == "embedding":  # inner join on caption_id, by position (Arrow's hash join takes no list columns)
+        vectors = Store(store_uri, "embeddings").read(encoder_version, columns=["caption_id", "embedding"])
+        at = pc.index_in(rows.column("caption_id"), value_set=vectors.column("caption_id"))
+        rows = rows.filter(pc.is_valid(at)).append_column("embedding", vectors.column("embedding").take(at.filter(pc.is_valid(at))))
+    rows = rows.sort_by([("image_id", "ascending"), ("caption_version", "ascending"), ("caption_id", "ascending")])
+    image_ids = rows.column("image_id").combine_chunks()
+    starts = np.flatnonzero(np.r_[True, image_ids.slice(1).to_numpy(zero_copy_only=False) != image_ids.slice(0, len(image_ids) - 1)
+                                  .to_numpy(zero_copy_only=False)]) if len(image_ids) else np.zeros(0, dtype=np.int64)
+    offsets = pa.array(np.r_[starts, len(image_ids)].astype(np.int32))
+    per_image = pa.table({"image_id": image_ids.take(pa.array(starts))} | {
+        c: pa.ListArray.from_arrays(offsets, rows.column(c).combine_chunks()) for c in ("caption_id", "caption_version", payload)})
+    images = manifest.read(dataset, columns=["image_id", "uri", "sha256", "split"])
+    images = images.filter(pc.is_in(images.column("split"), value_set=pa.array(list(wanted), type=pa.string())))
+    at = pc.index_in(images.column("image_id"), value_set=per_image.column("image_id"))  # left outer: null where none
+    joined = images.combine_chunks()
+    for column in ("caption_id", "caption_version", payload):
+        joined = joined.append_column(column, per_image.column(column).take(at))
+    joined = _mark_usable(joined, wanted)
+    totals, missing = _tally_block(joined)
+    missing = {split: missing.get(split, []) for split in wanted} | missing
+
+    def of_split(split: str) -> pa.Table:
+        keep = pc.and_(pc.equal(joined.column("split"), split), joined.column("usable"))
+        return joined.filter(keep).drop_columns(["split", "usable"])
+
+    counts, digests = {}, {}
+    for name, split in zip(("train", "val"), splits):  # val is never trained: its order does not matter
+        table = of_split(split)
+        table = table.append_column("order_key", pa.array([order_key(seed, i) for i in table.column("image_id").to_pylist()], type=pa.int64()))
+        table, digests[name] = _number_block(table.sort_by("order_key"), 0, trained_versions)
+        counts[name] = table.num_rows
+        fs.create_dir(f"{root}/{name}", recursive=True)
+        pq.write_table(table.drop_columns([c for c in ("order_key",) if c in table.column_names]), f"{root}/{name}/0.parquet", filesystem=fs)
+    return counts["train"], counts["val"], digests["train"] % (1 << 64), missing, totals

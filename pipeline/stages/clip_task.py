@@ -238,7 +238,7 @@ class ClipTask(TrainTask):
         import torch.distributed as dist
 
         parts: list = [None] * ctx.world
-        dist.all_gather_object(parts, self.rejects)
+        dist.all_gather_object(parts, dict(self.rejects))  # a copy: the batch thread may still be reading ahead
         return {k: v for part in parts for k, v in part.items()}
 
     def save_model(self, weights: dict[str, Any], folder: Path) -> None:

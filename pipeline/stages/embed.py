@@ -14,6 +14,7 @@ commit is a few Parquet files of ~`ROWS_PER_FILE` rows each, so readers work in 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from pipeline.stages.runtime import actor_pool
 from pipeline.stages.tracking import Tracker
 from pipeline.store import Store, Transaction, reject_row, utc_now
 from pipeline.text_encoder import ENCODER_VERSION_PREFIX, TextEncoder
+from pipeline.timing import Laps
 from pipeline.versioning import code_version, text_sha256
 from schemas import STORE_SCHEMAS
 
@@ -72,6 +74,8 @@ class EmbedResult(Tracked):
     cra: dict[str, HeldOutCra] = label("CRA", default_factory=dict)  # protocol -> CRA on held-out pairs
     commit: str | None = None
     store_dtype: str = label("stored as", default="")  # the version's element type: float16 or float32
+    phases: dict[str, float] = hidden(default_factory=dict)  # driver wall seconds per phase (pipeline.timing)
+    encode_seconds: float = hidden(default=0.0)  # the actors' time inside `encode`, summed over actors
 
     def notes(self) -> dict[str, float | None]:
         return {"captions/s": round(self.written / self.seconds, 1) if self.seconds else None}
@@ -113,8 +117,10 @@ class EmbedCaptions:
         keep = [i for i, r in enumerate(reasons) if not r]
         dim = self.encoder.dim
         emb = np.zeros((len(texts), dim), dtype=np.float32)
+        began = time.perf_counter()
         if keep:
             emb[keep] = self.encoder.encode([texts[i] for i in keep], batch_size=self.micro_batch_size)
+        encode_seconds = time.perf_counter() - began
         ids = batch.column("caption_id").to_pylist()
         return pa.table(
             {
@@ -126,6 +132,7 @@ class EmbedCaptions:
                 "embedding": store_vectors(emb, self.store_dtype, ids),
                 "reason": pa.array(reasons),
                 "detail": pa.array(details),
+                "encode_s": pa.array([encode_seconds / len(texts)] * len(texts)),  # the batch's time, shared by its rows
             }
         )
 
@@ -275,11 +282,13 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     missing = [v for v in ecfg.caption_versions if not Store(cfg.store.uri, "captions").commits(v)]
     if not missing and (work := embed_work(cfg)).version and work.todo == 0:
         return _nothing_to_do(cfg, work, precision, tracker)  # no encoder load, no actor
+    laps = Laps()
     path = resolve_encoder(cfg)
     # The output version is the encoder's identity; a small task computes it off the driver.
     version, dim = ray.get(_probe_encoder.options(num_cpus=ecfg.cpus_per_actor, num_gpus=ecfg.gpus_per_actor, resources=ecfg.resources_per_actor).remote(path, options, cfg.models.trust_remote_code))
     result = EmbedResult(encoder=cfg.embed.encoder or cfg.models.llm, encoder_version=version, dim=dim, precision=precision)
     result.tracked_by(tracker)
+    laps("probe_encoder")
 
     captions = Store(cfg.store.uri, "captions")
     embeddings = Store(cfg.store.uri, "embeddings")
@@ -302,11 +311,13 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
     if images is not None:
         ds = ds.map_batches(_of_images, fn_kwargs={"images": images}, batch_format="pyarrow")
     result.input_rows = ds.count()
+    laps("read_and_count")
     todo = ds.map_batches(_not_in, fn_kwargs={"existing": existing}, batch_format="pyarrow") if len(existing) else ds
     # Small stores are one Parquet file = one block = one busy actor: split so every actor
     # works. Materialised first (ids and text only): actors that hold every CPU would
     # otherwise starve the read tasks that feed them.
     todo = todo.repartition(max(pool_bounds(ecfg.actors)[1], -(-result.input_rows // ecfg.batch_size))).materialize()
+    laps("filter_and_split")
     embedded = todo.map_batches(
         EmbedCaptions,
         fn_constructor_kwargs=dict(
@@ -320,15 +331,19 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
         num_gpus=ecfg.gpus_per_actor,
         resources=ecfg.resources_per_actor or None,
     ).materialize()
-    status_schema = pa.schema([("caption_id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+    laps("actors")  # their start (one model load each) and their batches
+    status_schema = pa.schema([("caption_id", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("encode_s", pa.float64())])
     refs = embedded.select_columns(status_schema.names).to_arrow_refs()
     blocks = [t for t in ray.get(refs) if t.num_rows]  # all skipped: no blocks
     status = pa.concat_tables([t.select(status_schema.names).cast(status_schema) for t in blocks]) if blocks else status_schema.empty_table()
     rejected = status.filter(pc.not_equal(status.column("reason"), ""))
     result.truncated = int(pc.sum(pc.equal(status.column("detail"), "truncated")).as_py() or 0)
+    result.encode_seconds = round(float(pc.sum(status.column("encode_s")).as_py() or 0.0), 3)
+    laps("status")
     with embeddings.begin(version, lineage, value_type=store_type) as txn:
         write_files(embedded.map_batches(_accepted, batch_format="pyarrow"), txn)
         commit = txn.commit({"input_rows": result.input_rows, "rejected": rejected.num_rows})
+    laps("write_and_commit")
     result.seconds = (utc_now() - start).total_seconds()
     result.commit = commit.commit_id if commit else None
     result.written = commit.num_rows if commit else 0
@@ -345,6 +360,8 @@ def run_embed(cfg: PipelineConfig, tracker: Tracker) -> EmbedResult:
 
     if ecfg.cra_split:
         result.cra = held_out_cra(cfg, version, ecfg.cra_split)
+    laps("rejects_and_cra")
+    result.phases = laps.seconds
     tracker.set_tags({"llm2clip.output.embeddings": version, "llm2clip.encoder": result.encoder, "llm2clip.store_uri": cfg.store.uri})
     tracker.log_metrics(
         {"input_rows": result.input_rows, "written": result.written, "skipped": result.skipped, "rejected": result.rejected,
@@ -380,7 +397,7 @@ def write_files(ds, txn: Transaction, rows_per_file: int = ROWS_PER_FILE) -> Non
 
 
 def _accepted(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch.column("reason"), "")).drop_columns(["reason", "detail"])
+    return batch.filter(pc.equal(batch.column("reason"), "")).drop_columns(["reason", "detail", "encode_s"])
 
 
 def _not_in(batch: pa.Table, existing: pa.Array) -> pa.Table:

@@ -52,6 +52,8 @@ class FinetuneResult(Tracked):
     resume_verified: bool | None = label("resume verified (tensors, optimizer, lr)", default=None)
     seconds: float = hidden(default=0.0)
     final_loss: float | None = None
+    steps_per_s: float | None = label("steps/s", default=None)  # this attempt's steady state (its first step left out)
+    first_step_s: float | None = label("first step (s)", default=None)  # start-up, and compiling under finetune_text.compile
     encoder_path: str | None = None
     encoder_version: str | None = label("encoder_version", default=None)
     model_uri: str | None = label("MLflow model URI", default=None)
@@ -159,7 +161,7 @@ class FinetuneTask(TrainTask):
             loss = mntp_loss(engine, batch["first"] + batch["second"], ctx.device, generator)
             engine.backward(loss)
         else:
-            loss = contrastive_loss(engine, batch, self.loss_fn, ctx.device)
+            loss = contrastive_loss(engine, batch, self.loss_fn, ctx.device, packed=self.cfg.packing)
             engine.backward(loss * self.loss_fn.backward_scale)
         engine.step()
         return StepOutput(loss=float(loss.detach()), sample_ids=batch["pair_id"], metrics={"phase_mntp": float(mntp)})
@@ -240,6 +242,9 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker, plan: FinetunePlan 
     fitted = trained.fit
     result.steps, result.final_loss = fitted.state.step, fitted.state.last_loss
     result.resumed_from_step, result.resume_verified = fitted.outcome.resumed_from_step, fitted.outcome.resume_verified
+    times = fitted.outcome.times
+    result.first_step_s = None if times.first_step_seconds is None else round(times.first_step_seconds, 2)
+    result.steps_per_s = round(times.steps / times.seconds, 3) if times.seconds else None
     result.encoder_path, result.encoder_version, result.model_uri = trained.model_path, trained.model_version, trained.model_uri
     result.cra_after = ray.get(_evaluate_encoder.options(**res).remote("llm", trained.model_path, sets, {}, precision))
     tracker.log_metrics({f"cra_before.{k}": v for k, v in result.cra_before.items()}

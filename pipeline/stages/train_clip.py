@@ -52,6 +52,7 @@ class TrainClipResult(Tracked):
     resume_verified: bool | None = label("resume verified (tensors, optimizer, lr)", default=None)
     final_loss: float | None = None
     samples_per_s: float | None = label("samples/s", default=None)  # this attempt's steady state (its first step left out)
+    first_step_s: float | None = label("first step (s)", default=None)  # start-up, and compiling under train_clip.compile
     data_wait_fraction: float | None = None  # of step time, waiting for the next batch
     within_epoch_wait_fraction: float | None = label("data wait fraction within epochs", default=None)  # without each epoch's first batch
     validation: dict[str, float] = field(default_factory=dict)
@@ -137,6 +138,7 @@ def run_train_clip(cfg: PipelineConfig, tracker: Tracker, plan: TrainClipPlan | 
     result.steps, result.final_loss = fitted.state.step, fitted.state.last_loss
     result.resumed_from_step, result.resume_verified = fitted.outcome.resumed_from_step, fitted.outcome.resume_verified
     times = fitted.outcome.times
+    result.first_step_s = None if times.first_step_seconds is None else round(times.first_step_seconds, 2)
     if times.seconds:
         result.samples_per_s = round(times.steps * tc.global_batch_size / times.seconds, 2)
         result.data_wait_fraction = round(times.data_wait_fraction, 4)

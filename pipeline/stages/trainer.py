@@ -38,7 +38,7 @@ from pipeline.lineage import ModelLineage
 from pipeline.model_refs import is_remote_uri
 from pipeline.uri import join, upload_dir
 from pipeline.stages.checkpoint import Checkpoint
-from pipeline.training import StepTimes, TrainState, deepspeed_config, lr_factor, ray_data_blocked_seconds
+from pipeline.training import SampleSet, StepTimes, TrainState, deepspeed_config, lr_factor, ray_data_blocked_seconds
 
 log = logging.getLogger(__name__)
 
@@ -142,23 +142,59 @@ def _everyone(flag: bool, device) -> bool:
     return bool(t.item())
 
 
-def _started(batches: Iterator) -> Iterator:
-    """`batches` with its first item already being fetched in a thread: the next epoch's
-    stream fills (Ray Data starts its pass, decodes, fills the shuffle buffer) while this
-    thread evaluates the model."""
-    from concurrent.futures import ThreadPoolExecutor
+class _Stream:
+    """This rank's batches, epoch after epoch, read ahead by a thread into a short queue. The
+    next epoch's pass (Ray Data starts it: reads, decodes, fills the shuffle buffer) begins as
+    soon as this epoch's last batch is read, while the loop still trains on the batches ahead
+    and evaluates, so a short epoch does not wait for its stream to start. Each epoch reads
+    `task.batches` with its own snapshot of the state: its number (the shuffle seed) and, for the
+    epoch a run resumes in, the samples already trained."""
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
-    first = pool.submit(next, batches, None)
-    pool.shutdown(wait=False)  # the thread ends with that one call
+    END = object()  # an epoch's last item
 
-    def chain():
-        item = first.result()
-        if item is not None:
+    def __init__(self, task: TrainTask, shard, state: TrainState, ctx: WorkerContext, ahead: int):
+        import queue
+        import threading
+
+        self.items: queue.Queue = queue.Queue(maxsize=ahead)
+        self.stopped = threading.Event()
+        first = replace(state, trained=SampleSet(state.num_samples, state.trained.bits.copy()))
+        threading.Thread(target=self._read, args=(task, shard, first, ctx), name="batches", daemon=True).start()
+
+    def _read(self, task: TrainTask, shard, state: TrainState, ctx: WorkerContext) -> None:
+        try:
+            while not self.stopped.is_set():
+                for batch in task.batches(shard, state, ctx):
+                    self._put(batch)
+                self._put(self.END)
+                state = replace(state, epoch=state.epoch + 1, trained=SampleSet(state.num_samples))
+        except BaseException as e:  # raised in the loop's thread, by `next`
+            self._put(_Failed(e))
+
+    def _put(self, item) -> None:
+        import queue
+
+        while not self.stopped.is_set():
+            try:
+                return self.items.put(item, timeout=0.5)
+            except queue.Full:
+                continue
+
+    def epoch(self) -> Iterator:
+        """The current epoch's batches."""
+        while (item := self.items.get()) is not self.END:
+            if isinstance(item, _Failed):
+                raise item.error
             yield item
-            yield from batches
 
-    return chain()
+    def close(self) -> None:
+        """The run is over: the thread stops at its next batch (one blocked in Ray Data ends with the process)."""
+        self.stopped.set()
+
+
+@dataclass
+class _Failed:
+    error: BaseException
 
 
 class _Epoch:
@@ -182,7 +218,7 @@ class _Epoch:
         return batch
 
     def drain(self) -> None:
-        """Every worker reads its whole shard before the next epoch starts the stream again."""
+        """This rank's rest of the epoch is read (and left untrained: another rank's epoch ended first)."""
         for _ in self.batches:
             pass
 
@@ -205,6 +241,8 @@ class _Loop:
         self.ctx = WorkerContext(rank=rank, world=world, device=device, plan=plan)
         torch.manual_seed(plan.seed + rank)
         model = task.build(self.ctx)
+        if plan.trainer.compile:
+            model.compile()  # in place: the parameter names (checkpoints, DeepSpeed) stay as they are
         opt = plan.optimizer
         optimizer = torch.optim.AdamW(task.param_groups(model, opt), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(opt.schedule, plan.total_steps, opt.warmup_steps))
@@ -232,7 +270,8 @@ class _Loop:
     def run(self) -> WorkerOutcome:
         state, plan = self.state, self.plan
         if not state.finished:  # a finished run does no work
-            epoch = _Epoch(self.task.batches(self.shard, state, self.ctx), self.ctx.device)
+            self.stream = _Stream(self.task, self.shard, state, self.ctx, plan.trainer.read_ahead_batches)
+            epoch = _Epoch(self.stream.epoch(), self.ctx.device)
             while state.step < plan.total_steps:
                 batch = epoch.next_batch()
                 if batch is None:  # some rank's epoch is over
@@ -243,6 +282,7 @@ class _Loop:
                 self.advance(out, epoch)
                 if state.step < plan.total_steps and state.step % plan.trainer.checkpoint_every == 0:
                     self.save("periodic")
+            self.stream.close()
             if self.evaluated_at != state.step:
                 self.evaluate()
             self.save("final")
@@ -259,17 +299,20 @@ class _Loop:
         seconds = time.perf_counter() - epoch.step_began
         if state.step > (self.outcome.resumed_from_step or 0) + 1:
             self.outcome.times.add(seconds, epoch.wait, epoch_start=state.step == state.epoch_start_step + 1)
+        else:
+            self.outcome.times.first_step_seconds = seconds
+            self.tracker.log_metrics({"train/first_step_s": seconds}, step=state.step)
         self._log_step(out, seconds, epoch.wait)
 
     def next_epoch(self, ended: _Epoch) -> _Epoch:
-        """Close the epoch (drain, log), start the next one's stream, evaluate while it fills."""
+        """Close the epoch (drain, log), evaluate while the stream reads the next one."""
         ended.drain()
         if self.state.step == self.state.epoch_start_step:
             raise RuntimeError(f"rank {self.ctx.rank}: the data gave no full batch of {self.plan.micro_batch * self.plan.accum_steps} "
                                f"on every worker in epoch {self.state.epoch}")
         self._log_epoch(ended.waited, time.perf_counter() - ended.began)
         self.state.next_epoch()
-        upcoming = _Epoch(_started(self.task.batches(self.shard, self.state, self.ctx)), self.ctx.device)
+        upcoming = _Epoch(self.stream.epoch(), self.ctx.device)
         self.evaluate()
         if self.plan.checkpoint_epochs:
             self.save("epoch")
