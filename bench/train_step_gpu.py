@@ -115,10 +115,6 @@ def measure(name: str, args, device: str, dtype: torch.dtype) -> dict:
               "fraction_of_peak": round(tflops / args.peak_tflops, 3),
               "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None,
               "params": params, "trainable_params": sum(p.numel() for p in trainable)}
-    del encoder, peft_model, optimizer, trainable
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return report
 
 
@@ -137,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.variants:
         variants.append(measure(name, args, device, dtype))
         print(json.dumps(variants[-1]), flush=True)
+        gc.collect()  # the variant's model is garbage now: free its memory before the next one's
+        if device == "cuda":
+            torch.cuda.empty_cache()
     first = variants[0]["step_s"]
     for v in variants:
         v[f"speedup_vs_{variants[0]['variant']}"] = round(first / v["step_s"], 2)
