@@ -256,7 +256,7 @@ def _collect_captions(group: pa.Table, payload: str) -> pa.Table:
 def _number_block(block: pa.Table, first_id: int, trained_versions: list[str]) -> tuple[pa.Table, int]:
     """Sample ids first_id.. along the block's (sorted) order, and the digest of what the block
     trains on: each image with the ids of its captions in the trained versions."""
-    if block.num_rows == 0:  # an empty block may have no columns at all
+    if "order_key" not in block.column_names:  # an empty Ray Data block may have no columns at all
         return block, 0
     ids = pa.array(np.arange(first_id, first_id + block.num_rows, dtype=np.int64))
     rows = zip(block.column("image_id").to_pylist(), block.column("caption_id").to_pylist(), block.column("caption_version").to_pylist())
@@ -410,11 +410,11 @@ def _join_in_one_task(store_uri: str, versions: list[str], encoder_version: str 
         return joined.filter(keep).drop_columns(["split", "usable"])
 
     counts, digests = {}, {}
-    for name, split in zip(("train", "val"), splits):  # val is never trained: its order does not matter
+    for name, split in zip(("train", "val"), splits):  # val is never trained: its ids are any ids, these as good as others
         table = of_split(split)
         table = table.append_column("order_key", pa.array([order_key(seed, i) for i in table.column("image_id").to_pylist()], type=pa.int64()))
         table, digests[name] = _number_block(table.sort_by("order_key"), 0, trained_versions)
         counts[name] = table.num_rows
         fs.create_dir(f"{root}/{name}", recursive=True)
-        pq.write_table(table.drop_columns([c for c in ("order_key",) if c in table.column_names]), f"{root}/{name}/0.parquet", filesystem=fs)
+        pq.write_table(table, f"{root}/{name}/0.parquet", filesystem=fs)
     return counts["train"], counts["val"], digests["train"] % (1 << 64), missing, totals
