@@ -253,7 +253,7 @@ class RecaptionConfig(Section):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU engines only")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the hardware has it")
     image_max_side: int = Field(1536, ge=16, description="images are downscaled to this longest side before the processor")
-    limit_images: int | None = Field(None, ge=1, description="caption at most this many images (smoke runs)")
+    limit_images: int | None = Field(None, ge=1, description="caption only the dataset's first this many items (a demo, a smoke run); a re-run skips them")
     actors: PoolSize = Field(1, description="vLLM engines (one model load each): N, or [min, max] to fit the cluster")
     cpus_per_actor: float = Field(1.0, gt=0)
     engine_threads: int | None = Field(
@@ -427,6 +427,9 @@ class FinetuneTextConfig(TrainingStageConfig):
                      "descriptions in families of near-identical scenes), pipeline.everyday_pairs (60 hand-written everyday pairs), "
                      "scenes (alt-text vs dense caption of unseen synthetic scenes); see pipeline.cra_sets"))
     baseline: bool = Field(True, **not_recipe("report all-MiniLM-L6-v2 on the same CRA sets"))
+    eval_pairs: int | None = Field(
+        None, ge=2, **not_recipe("CRA on at most this many pairs of each held-out set from the stores (the first, in a stable "
+                                 "order): three encoders embed them, each pair queries all the others; None: every pair"))
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: epochs)")
     seed: int = 0
     register_as: str | None = Field("llm2clip-text-encoder", **not_recipe("MLflow registered model name (None: do not register)"))

@@ -129,6 +129,8 @@ def cra_sets_for(cfg: PipelineConfig, held_out: dict[str, list[tuple[str, str]]]
     if manifest_store.commits(dataset):
         rows = pa.concat_tables([captions.read(v) for v in captions.versions() if v in (ORIGINAL_VERSION, PROVIDED_VERSION)])
         sets |= {f"scenes.{protocol}": pairs for protocol, pairs in dataset_pairs(manifest_store.read(dataset), rows, ft.eval_split).items()}
+    if ft.eval_pairs is not None:
+        sets = {name: pairs[:ft.eval_pairs] for name, pairs in sets.items()}
     for name in ft.builtin_eval:
         sets[name] = builtin_pairs(name)
     return sets

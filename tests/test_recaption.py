@@ -31,6 +31,7 @@ TEXT = {
     "actors": 1,
     "batch_size": 4,
     "commit_every": 4,  # several commits even on a small run
+    "engine_threads": 2,  # as the local config: Ray Data calls the engine from another thread than built it
 }
 
 
@@ -159,6 +160,10 @@ def test_new_prompt_makes_a_second_version_beside_the_first(text_run, cluster):
     assert v2 != v1 and {v1, v2} <= set(captions.versions())
     assert second.captioned + second.rejected == 3
     assert captions.read(v1).equals(before)  # the old version is untouched
+    # limit_images caps the dataset, not one pass: the same limit again finds its items done
+    again = run_stage_here("jobs.recaption", config, cluster, "--set", "recaption.prompt=Describe the photo behind this alt-text in two sentences: {caption}",
+                           "--set", "recaption.limit_images=3")
+    assert (again.input_images, again.captioned, again.rejected, again.skipped) == (3, 0, 0, 3)
     assert set(captions.read(v2).column("prompt_id").to_pylist()) != set(before.column("prompt_id").to_pylist())
 
 

@@ -199,6 +199,8 @@ def select_images(cfg: PipelineConfig, version: str) -> tuple[pa.Table, int, int
             "sha256": pa.array([""] * len(ids), type=pa.string()),
             "source_captions": pa.array([lookup.get(i, []) for i in ids], type=pa.list_(pa.string())),
         })
+    if rc.limit_images is not None:  # the dataset's first N items: a re-run finds them done and skips
+        items = items.slice(0, rc.limit_images)
     done = set(captions.read(version, columns=["image_id"]).column("image_id").to_pylist()) if captions.commits(version) else set()
     rejected_before: set[str] = set()
     rejects = Store(cfg.store.uri, "rejects")
@@ -211,8 +213,6 @@ def select_images(cfg: PipelineConfig, version: str) -> tuple[pa.Table, int, int
     todo = items.filter(pa.array(keep, type=pa.bool_()))
     skipped = sum(i in done for i in ids)
     skipped_rejected = sum(i in rejected_before for i in ids)
-    if rc.limit_images is not None and todo.num_rows > rc.limit_images:
-        todo = todo.slice(0, rc.limit_images)
     return todo, items.num_rows, skipped, skipped_rejected
 
 
@@ -229,8 +229,6 @@ def caption_pass(cfg: PipelineConfig, tracker: Tracker) -> RecaptionResult:
     laps = Laps()
     todo, result.input_images, result.skipped, result.skipped_rejected_before = select_images(cfg, version)
     result.skipped += result.skipped_rejected_before
-    if rc.limit_images is not None:
-        result.input_images = result.skipped + todo.num_rows
 
     manifest = Store(cfg.store.uri, "manifest")
     captions = Store(cfg.store.uri, "captions")

@@ -42,7 +42,9 @@ class Captioner:
 
     def __init__(self, model: str, cfg: RecaptionConfig, precision: str, use_gpu: bool, trust_remote_code: bool = False):
         # One engine per process (a Ray actor), so its environment is ours to set; vLLM
-        # reads these when the engine starts.
+        # reads these when the engine starts. Its INFO log (a full engine-config dump per
+        # actor) drowns the job's own; engine_env {VLLM_LOGGING_LEVEL: INFO} brings it back.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.update(cfg.engine_env)
         from vllm import LLM, SamplingParams  # noqa: I001 - imported here: only engine processes need vLLM
 
@@ -67,10 +69,18 @@ class Captioner:
             engine["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if self.with_image:
             engine["limit_mm_per_prompt"] = {"image": 1}
+        self._engine_threads = None
         if not use_gpu and cfg.engine_threads:
             import torch
 
-            torch.set_num_threads(cfg.engine_threads)  # the engine computes in this process, on torch's threads
+            # The engine computes in this process, on torch's (OpenMP's) threads. OpenMP counts
+            # them per calling thread, and Ray Data may call `generate` from another thread than
+            # this one: its attention metadata was then planned for Ray's 1 thread and failed the
+            # 2-thread kernel's check. So every call sets them, with torch's own setter (vLLM's CPU
+            # worker replaces `torch.set_num_threads` with a no-op once it has started).
+            self._engine_threads = (torch.set_num_threads, cfg.engine_threads)
+            torch.set_num_threads(cfg.engine_threads)
+            os.environ["OMP_NUM_THREADS"] = str(cfg.engine_threads)  # what vLLM reads for its own thread choices
         if not use_gpu and cfg.tensor_parallel_size == 1:
             # On CPU the engine core and its worker run in this process: two fewer Python processes
             # to start (engine ready in ~4 s instead of ~20 s here, same output). On GPUs vLLM's
@@ -101,6 +111,9 @@ class Captioner:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def generate(self, requests: list[CaptionRequest]) -> list[Generation]:
+        if self._engine_threads:
+            set_threads, n = self._engine_threads
+            set_threads(n)
         results: list[Generation | None] = [None] * len(requests)
         inputs: dict[int, Any] = {}
         budget = self.cfg.max_model_len - self.cfg.sampling.max_tokens

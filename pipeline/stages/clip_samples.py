@@ -234,6 +234,7 @@ def load_samples(cfg: PipelineConfig, inputs: ClipInputs) -> SampleData:
     prep = dict(size=size, payload=PAYLOAD[inputs.source.tower], max_bytes=cfg.ingest.limits.max_bytes)
     val = ray.data.read_parquet(f"{rows.root}/val", filesystem=rows.fs).map_batches(
         prepare_batch, fn_kwargs=dict(**prep, train=False), batch_format="pyarrow", batch_size=64).materialize()
+    val.context.enable_progress_bars = False  # read by rank 0 in the background of training: its bar never closed
     weights = {inputs.captions.named[n]: w for n, w in tc.caption_weights.items()}
     train = ray.data.read_parquet(f"{rows.root}/train", filesystem=rows.fs).randomize_block_order().map_batches(
         prepare_batch, fn_kwargs=dict(**prep, train=True, crop_scale=tc.crop_scale, weights=weights), batch_format="pyarrow", batch_size=64)
