@@ -34,7 +34,7 @@ from pipeline.eval_scoring import score_model, set_results
 from pipeline.eval_sets import write_listing
 from pipeline.eval_views import DEFAULT_TEMPLATES, REPO, Views, cra_views, dataset_views, listed_views, read_templates
 from pipeline.plans import StagePlan
-from pipeline.records import Tracked, label
+from pipeline.records import Tracked, hidden, label
 from pipeline.stages.eval_embedding import ModelSpec, embed
 from pipeline.stages.listing_ingest import ingest_listing
 from pipeline.stages.tracking import Tracker
@@ -55,6 +55,7 @@ class EvaluateResult(Tracked):
     sets: list[str]
     problems: int = label("problems (images or models left out)")
     seconds: float = 0.0
+    report_markdown: str | None = hidden(default=None)  # results.md: the job prints it last (jobkit)
 
     def notes(self) -> dict[str, str]:
         return {"report": f"{self.report_dir}/results.md", "results json": f"{self.report_dir}/{DONE_FILE}"}
@@ -244,7 +245,7 @@ def run_evaluate(cfg: PipelineConfig, tracker: Tracker) -> EvaluateResult:
         files = report.write(local)
         files |= clip_benchmark.write(clip_benchmark.from_report(report), local)
         _log_report(tracker, report, files)
-        print("\n" + files["results.md"].read_text())
+        markdown = files["results.md"].read_text()
         # results.json last: its presence on storage means the report is complete
         done = files.pop(DONE_FILE)
         complete = done.read_bytes()
@@ -253,7 +254,8 @@ def run_evaluate(cfg: PipelineConfig, tracker: Tracker) -> EvaluateResult:
         write_bytes(join(out_dir, DONE_FILE), complete)
     stored = sorted(join(out_dir, name) for name in [*files, DONE_FILE])
     result = EvaluateResult(out_dir, stored, [m.name for m in report.models],
-                            [s.name for s in report.sets], len(report.problems), round(time.perf_counter() - start, 1))
+                            [s.name for s in report.sets], len(report.problems), round(time.perf_counter() - start, 1),
+                            report_markdown=markdown)
     result.tracked_by(tracker)
     return result
 

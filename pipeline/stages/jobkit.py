@@ -114,6 +114,8 @@ def _run(stage: str, run: StageFn, cfg: PipelineConfig, args: argparse.Namespace
         tracker.log_metrics({"wall_seconds": time.time() - start})
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(to_json(result), indent=2))
+    if getattr(result, "report_markdown", None):  # a report (evaluate, pipeline): then the summary and its links last
+        print("\n" + result.report_markdown)
     print(f"\n== {stage} finished in {time.time() - start:.1f}s on Ray at {address}")
     print(yaml.safe_dump(printable(result), sort_keys=False).rstrip())
     return 0

@@ -224,7 +224,7 @@ class StageRecord:
 class PipelineResult(Tracked):
     stages: list[StageRecord] = hidden(default_factory=list)
     handover: Handover = label("outputs", default_factory=Handover)
-    report_markdown: str | None = hidden(default=None)
+    report_markdown: str | None = hidden(default=None)  # the evaluation's results.md: the job prints it last (jobkit)
     seconds: float = 0.0
 
     def notes(self) -> dict[str, dict[str, str]]:
@@ -289,8 +289,6 @@ def run_pipeline(cfg: PipelineConfig, tracker: Tracker) -> PipelineResult:
             tracker.log_table({k.replace(".", " "): [r.get(k) for r in rows] for k in rows[0]}, "comparison.json")
     result.seconds = round(time.perf_counter() - start, 1)
     _log_lineage(tracker, cfg, result)
-    if result.report_markdown:
-        print("\n" + result.report_markdown)
     return result
 
 

@@ -79,9 +79,12 @@ def worker_runtime_env() -> dict | None:
     """What this job's workers and actors must see of the driver's environment: the storage
     settings it was given (AWS_*, AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI...), so every node reads
     the same bucket, and armed fault-drill crash points. Ray workers see their node's
-    environment, not the driver's. Variables a submitted job's own runtime_env sets already
+    environment, not the driver's. Also: no model-loading progress bars. Variables a submitted job's own runtime_env sets already
     reach them, and naming them again would be a conflict for Ray."""
-    env = {**storage_env(), **fault_env()}
+    # Model loads in workers draw tqdm bars that Ray prints whenever it flushes them, often after
+    # the job's own summary; the driver's setting, if any, wins.
+    quiet = {"HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
+    env = {**quiet, **storage_env(), **fault_env()}
     submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
     env = {k: v for k, v in env.items() if k not in (submitted.get("env_vars") or {})}
     return {"env_vars": env} if env else None
