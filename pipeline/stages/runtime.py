@@ -79,8 +79,9 @@ def worker_runtime_env() -> dict | None:
     """What this job's workers and actors must see of the driver's environment: the storage
     settings it was given (AWS_*, AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI...), so every node reads
     the same bucket, and armed fault-drill crash points. Ray workers see their node's
-    environment, not the driver's. Also: no model-loading progress bars. Variables a submitted job's own runtime_env sets already
-    reach them, and naming them again would be a conflict for Ray."""
+    environment, not the driver's. Also: no model-loading progress bars. Variables a submitted
+    job's own runtime_env sets already reach them, and naming them again would be a conflict
+    for Ray."""
     # Model loads in workers draw tqdm bars that Ray prints whenever it flushes them, often after
     # the job's own summary; the driver's setting, if any, wins.
     quiet = {"HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
