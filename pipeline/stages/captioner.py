@@ -69,8 +69,10 @@ class Captioner:
             engine["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if self.with_image:
             engine["limit_mm_per_prompt"] = {"image": 1}
-        self._engine_threads = None
+        self._set_engine_threads = None
         if not use_gpu and cfg.engine_threads:
+            import functools
+
             import torch
 
             # The engine computes in this process, on torch's (OpenMP's) threads. OpenMP counts
@@ -78,8 +80,8 @@ class Captioner:
             # this one: its attention metadata was then planned for Ray's 1 thread and failed the
             # 2-thread kernel's check. So every call sets them, with torch's own setter (vLLM's CPU
             # worker replaces `torch.set_num_threads` with a no-op once it has started).
-            self._engine_threads = (torch.set_num_threads, cfg.engine_threads)
-            torch.set_num_threads(cfg.engine_threads)
+            self._set_engine_threads = functools.partial(torch.set_num_threads, cfg.engine_threads)
+            self._set_engine_threads()
             os.environ["OMP_NUM_THREADS"] = str(cfg.engine_threads)  # what vLLM reads for its own thread choices
         if not use_gpu and cfg.tensor_parallel_size == 1:
             # On CPU the engine core and its worker run in this process: two fewer Python processes
@@ -111,9 +113,8 @@ class Captioner:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def generate(self, requests: list[CaptionRequest]) -> list[Generation]:
-        if self._engine_threads:
-            set_threads, n = self._engine_threads
-            set_threads(n)
+        if self._set_engine_threads:
+            self._set_engine_threads()
         results: list[Generation | None] = [None] * len(requests)
         inputs: dict[int, Any] = {}
         budget = self.cfg.max_model_len - self.cfg.sampling.max_tokens
