@@ -468,7 +468,8 @@ class LLM2CLIP(nn.Module):
         """float32 (n, embed_dim) on the CPU. llm tower: (n, text_dim) LLM embeddings from the
         encoder recorded in config.encoder_version; clip tower: a list of strings."""
         if self.config.text_tower == "llm":
-            x = torch.as_tensor(x)
+            # a copy: arrays from Arrow are read-only, and torch warns on each one it wraps
+            x = torch.as_tensor(np.array(x, dtype=np.float32) if isinstance(x, np.ndarray) else x)
             if x.ndim != 2 or x.shape[1] != self.config.text_dim:
                 raise ValueError(
                     f"text embeddings have shape {tuple(x.shape)} (dim {x.shape[-1] if x.ndim else None}), but this model's "

@@ -108,8 +108,9 @@ class EvalReport:
             counts = Counter((p.set, p.reason) for p in self.problems)
             lines += ["", "## Problems (left out, never fatal)", "", "| set | reason | images |", "|---|---|---|"]
             lines += [f"| {st} | {reason} | {n} |" for (st, reason), n in sorted(counts.items())]
-            lines += ["", "First of them:", ""]
-            lines += [f"- {p.set}: `{p.item}`: {p.reason}{' (' + p.detail + ')' if p.detail else ''}" for p in self.problems[:20]]
+            shown = self.problems[:3]  # the report ends the job's screen: a few examples, all of them in results.json
+            lines += ["", f"The first {len(shown)} of {len(self.problems)} (all of them in results.json):", ""]
+            lines += [f"- {p.set}: `{p.item}`: {p.reason}{' (' + p.detail + ')' if p.detail else ''}" for p in shown]
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:

@@ -43,6 +43,14 @@ class Tracked:
         self.mlflow_run_id, self.mlflow_url = tracker.run_id, tracker.url
 
 
+@dataclasses.dataclass(kw_only=True)
+class Reported(Tracked):
+    """A result with a report (evaluate's results.md, in Markdown): the job prints it once, just
+    before its summary and links."""
+
+    report_markdown: str | None = hidden(default=None)
+
+
 @cache
 def _adapter(cls: type) -> TypeAdapter:
     return TypeAdapter(cls)

@@ -7,6 +7,7 @@ and version rules it applies are engine-free (`pipeline.captioning`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -71,8 +72,6 @@ class Captioner:
             engine["limit_mm_per_prompt"] = {"image": 1}
         self._set_engine_threads = None
         if not use_gpu and cfg.engine_threads:
-            import functools
-
             import torch
 
             # The engine computes in this process, on torch's (OpenMP's) threads. OpenMP counts

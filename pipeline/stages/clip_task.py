@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import ray
@@ -149,13 +149,17 @@ class ClipTask(TrainTask):
 
         return normalise_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(ctx.device), self.spec.mean, self.spec.std)
 
+    val_batch_size: ClassVar[int] = 64
+
     def _val_batches(self):
-        """The held-out samples whose image could be read, every caption of each. Read once and
-        kept: the split is already materialized whole (load_samples), and a Ray Data pass per
-        epoch cost seconds each on the demo's 2-step epochs."""
+        """The held-out samples whose image could be read (cached features have no `reason`:
+        all could), every caption of each. Read once and kept: the split is already
+        materialized whole, and a Ray Data pass per epoch cost seconds each on the demo's
+        2-step epochs."""
         if self._val is None:
-            batches = ray.train.get_dataset_shard("val").iter_batches(batch_size=64, batch_format="numpy")
-            self._val = [b for b in ({k: v[b["reason"] == ""] for k, v in b.items()} for b in batches) if len(b["sample_id"])]
+            batches = ray.train.get_dataset_shard("val").iter_batches(batch_size=self.val_batch_size, batch_format="numpy")
+            readable = ({k: v[b["reason"] == ""] for k, v in b.items()} if "reason" in b else b for b in batches)
+            self._val = [b for b in readable if len(b["sample_id"])]
         return iter(self._val)
 
     def train_step(self, engine, batch, state: TrainState, ctx: WorkerContext) -> StepOutput:
@@ -276,6 +280,7 @@ class FeatureClipTask(ClipTask):
     image_spec: ImageSpec | None = None  # what the cached features were computed with
     feature_dim: int = 0
     weights: dict[str, float] = field(default_factory=dict)  # caption version -> weight
+    val_batch_size: ClassVar[int] = 256
 
     @property
     def model_config(self) -> LLM2CLIPConfig:
@@ -312,8 +317,3 @@ class FeatureClipTask(ClipTask):
         if features.dtype == object:
             features = np.stack([np.asarray(f, dtype=np.float32) for f in features])
         return torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(ctx.device)
-
-    def _val_batches(self):
-        if self._val is None:
-            self._val = list(ray.train.get_dataset_shard("val").iter_batches(batch_size=256, batch_format="numpy"))
-        return iter(self._val)

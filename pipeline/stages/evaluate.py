@@ -34,7 +34,7 @@ from pipeline.eval_scoring import score_model, set_results
 from pipeline.eval_sets import write_listing
 from pipeline.eval_views import DEFAULT_TEMPLATES, REPO, Views, cra_views, dataset_views, listed_views, read_templates
 from pipeline.plans import StagePlan
-from pipeline.records import Tracked, hidden, label
+from pipeline.records import Reported, label
 from pipeline.stages.eval_embedding import ModelSpec, embed
 from pipeline.stages.listing_ingest import ingest_listing
 from pipeline.stages.tracking import Tracker
@@ -48,14 +48,13 @@ DONE_FILE = "results.json"  # written last, whole
 
 
 @dataclass
-class EvaluateResult(Tracked):
+class EvaluateResult(Reported):
     report_dir: str
     files: list[str]
     models: list[str]
     sets: list[str]
     problems: int = label("problems (images or models left out)")
     seconds: float = 0.0
-    report_markdown: str | None = hidden(default=None)  # results.md: the job prints it last (jobkit)
 
     def notes(self) -> dict[str, str]:
         return {"report": f"{self.report_dir}/results.md", "results json": f"{self.report_dir}/{DONE_FILE}"}

@@ -37,6 +37,7 @@ from pipeline.stages.tracking import Registration, Tracker, register
 from pipeline.stages.trainer import StepOutput, TrainPlan, TrainTask, WorkerContext, storage_path, train
 from pipeline.store import StoreError
 from pipeline.training import TrainState, total_steps, unseen_batches
+from pipeline.uri import is_file, join, read_text, write_text
 from pipeline.versioning import code_version, rows_digest, stable_hash
 
 log = logging.getLogger(__name__)
@@ -105,19 +106,16 @@ def _evaluate_encoder(kind: str, path: str, sets: dict, options: dict, precision
     return evaluate(lambda t: encoder.encode(t, batch_size=32), sets)
 
 
-def cached_cra(cache_dir: Path, kind: str, path: str, sets: dict, options: dict, precision: str, resources: dict) -> dict[str, float]:
+def cached_cra(cache: str, kind: str, path: str, sets: dict, options: dict, precision: str, resources: dict) -> dict[str, float]:
     """CRA of a model that training does not change (the base model, MiniLM): computed once per
-    model, sets and options, then read from `cache_dir`."""
+    model, sets and options, then read from the `cache` location (a folder or storage URI)."""
     key = stable_hash({"kind": kind, "model": model_fingerprint(path) if path else kind, "sets": sets, "options": options,
                        "precision": precision}, 16)
-    file = cache_dir / f"{kind}-{key}.json"
-    if file.is_file():
-        return json.loads(file.read_text())
+    file = join(cache, f"{kind}-{key}.json")
+    if is_file(file):
+        return json.loads(read_text(file))
     scores = ray.get(_evaluate_encoder.options(**resources).remote(kind, path, sets, options, precision))
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".tmp-{file.name}")
-    tmp.write_text(json.dumps(scores))
-    tmp.replace(file)
+    write_text(file, json.dumps(scores))  # whole or not at all
     return scores
 
 
@@ -229,7 +227,7 @@ def run_finetune_text(cfg: PipelineConfig, tracker: Tracker, plan: FinetunePlan 
     eval_opts = {"pooling": ft.pooling, "bidirectional": ft.bidirectional, "max_length": ft.encoder_max_length}
     res = {"num_gpus": 1 if ft.use_gpu else 0, "num_cpus": ft.cpus_per_worker}
     precision = "bf16" if ft.precision == "bf16" else "fp32"
-    cache = Path(cfg.run_dir) / "cache" / "cra"
+    cache = join(cfg.run_dir, "cache", "cra")
     result.cra_before = cached_cra(cache, "llm", base, sets, eval_opts, precision, res)
     if ft.baseline:
         result.cra_baseline = cached_cra(cache, "minilm", "", sets, {}, "fp32", {"num_cpus": 1})

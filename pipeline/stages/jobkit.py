@@ -18,12 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, config_to_dict, load_config
 from pipeline.listing import ListingError
 from pipeline.plans import StagePlan
-from pipeline.records import printable, to_json
+from pipeline.records import Reported, printable, to_json
 from pipeline.stages import runtime, tracking
 from pipeline.uri import LocationError, read_text
 
@@ -105,6 +106,7 @@ def _run(stage: str, run: StageFn, cfg: PipelineConfig, args: argparse.Namespace
     start = time.time()
     if cfg.mlflow.enabled:  # workers resolve models:/ URIs on their own nodes, from this server (runtime_env)
         os.environ["MLFLOW_TRACKING_URI"] = cfg.mlflow.tracking_uri
+    owns_ray = not ray.is_initialized()  # a job run inside a test shares the test's connection
     address = runtime.connect(cfg.ray, cfg.run_dir)
     config_text = read_text(args.config) + "".join(f"# --set {o}\n" for o in args.overrides)
     resolved = config_to_dict(cfg)
@@ -112,9 +114,11 @@ def _run(stage: str, run: StageFn, cfg: PipelineConfig, args: argparse.Namespace
     with tracking.start_run(cfg.mlflow, stage, resolved, config_text=config_text, run_key=key) as tracker:
         result = run(cfg, tracker)
         tracker.log_metrics({"wall_seconds": time.time() - start})
+    if owns_ray:
+        ray.shutdown()  # prints the workers' buffered log lines now (Ray holds repeats back), not after the summary
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(to_json(result), indent=2))
-    if getattr(result, "report_markdown", None):  # a report (evaluate, pipeline): then the summary and its links last
+    if isinstance(result, Reported) and result.report_markdown:  # the report first: the summary and its links last
         print("\n" + result.report_markdown)
     print(f"\n== {stage} finished in {time.time() - start:.1f}s on Ray at {address}")
     print(yaml.safe_dump(printable(result), sort_keys=False).rstrip())

@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.config import PIPELINE_STAGES, EvalModel, PipelineConfig, config_to_dict
 from pipeline.plans import StagePlan
-from pipeline.records import Tracked, hidden, label
+from pipeline.records import Reported, hidden, label
 from pipeline.stages import corpus, embed, evaluate, finetune_text, ingest, recaption, sweep, tracking, train_clip
 from pipeline.stages.tracking import Tracker
 from pipeline.uri import is_file, join, read_text
@@ -221,10 +221,9 @@ class StageRecord:
 
 
 @dataclass
-class PipelineResult(Tracked):
+class PipelineResult(Reported):
     stages: list[StageRecord] = hidden(default_factory=list)
     handover: Handover = label("outputs", default_factory=Handover)
-    report_markdown: str | None = hidden(default=None)  # the evaluation's results.md: the job prints it last (jobkit)
     seconds: float = 0.0
 
     def notes(self) -> dict[str, dict[str, str]]:
