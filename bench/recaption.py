@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"store.uri={tmp}/store", f"embedded.num_scenes={args.scenes}", "mlflow.enabled=false",
             "recaption.mode=text", f"recaption.prompt={TEXT_PROMPT}", f"recaption.sampling.max_tokens={args.max_tokens}",
             f"recaption.actors={args.actors}",
+            "recaption.limit_images=null",  # every scene: the demo's config captions only a few
         ]
         overrides += [f"recaption.cpus_per_actor={args.cpus_per_actor}"] if args.cpus_per_actor else []
         overrides += [f"recaption.batch_size={args.batch_size}"] if args.batch_size else []
