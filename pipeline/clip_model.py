@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pipeline.clip_data import TextStandardisation
 from pipeline.contrastive import ContrastiveOutput
 from pipeline.image_transforms import ImageSpec, to_pixel_values
 from pipeline.model_refs import local_path
@@ -142,22 +143,34 @@ class AdapterBlock(nn.Module):
 
 
 class TextAdapter(nn.Module):
-    """The authors' adapter on frozen LLM embeddings: L2-normalise, `blocks` residual MLP
-    blocks, LayerNorm, Linear to the joint space."""
+    """The authors' adapter on frozen LLM embeddings: L2-normalise, standardise (identity until
+    `standardise` is called), `blocks` residual MLP blocks, LayerNorm, Linear to the joint
+    space."""
 
     def __init__(self, dim: int, blocks: int = 4, expansion: int = 2, embed_dim: int = 1280, dropout: float = 0.0):
         super().__init__()
         self.dim = dim
+        self.register_buffer("input_shift", torch.zeros(dim))  # saved with the weights: part of the model
+        self.register_buffer("input_scale", torch.ones(dim))
         self.blocks = nn.ModuleList([AdapterBlock(dim, expansion, dropout) for _ in range(blocks)])
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, embed_dim)
+
+    def standardise(self, stats: TextStandardisation) -> None:
+        if len(stats.shift) != self.dim or len(stats.scale) != self.dim:
+            raise ValueError(f"standardisation of dim {len(stats.shift)} for an adapter of input dim {self.dim}")
+        with torch.no_grad():
+            self.input_shift.copy_(torch.tensor(stats.shift))
+            self.input_scale.copy_(torch.tensor(stats.scale))
 
     @classmethod
     def of(cls, config: LLM2CLIPConfig) -> TextAdapter:
         return cls(config.text_dim, config.adapter_blocks, config.adapter_expansion, config.embed_dim, config.adapter_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(x, dim=-1)  # the LLM's embedding norm carries no meaning here
+        x = F.normalize(x.float(), dim=-1)  # the LLM's embedding norm carries no meaning here
+        # in float32: the differences between captions are small next to the shared mean
+        x = ((x - self.input_shift.float()) * self.input_scale.float()).to(self.proj.weight.dtype)
         for block in self.blocks:
             x = block(x)
         return self.proj(self.norm(x))
@@ -402,7 +415,7 @@ class LLM2CLIP(nn.Module):
     # ------------------------------------------------------------------ training
     def _text_features(self, text: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         if self.config.text_tower == "llm":
-            return self.text(text.to(device=self.device, dtype=self.dtype))
+            return self.text(text.to(device=self.device))  # the adapter standardises in float32, then casts
         return self.text(input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device))
 
     def forward(self, pixel_values: torch.Tensor, text: torch.Tensor | dict[str, torch.Tensor]) -> ContrastiveOutput:
@@ -562,6 +575,9 @@ class LLM2CLIP(nn.Module):
         else:
             text = TextAdapter.of(config)
         model = cls(config, vision, text)
-        model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+        state = load_file(str(directory / WEIGHTS))
+        if isinstance(text, TextAdapter):  # saved before adapters standardised their input: identity
+            state = {f"text.{k}": v for k, v in text.state_dict().items() if k.startswith("input_")} | state
+        model.load_state_dict(state, strict=True)
         model.to(device=device, dtype=dtype)
         return model.eval()

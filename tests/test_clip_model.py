@@ -70,6 +70,49 @@ def test_adapter_structure_and_math():
         torch.testing.assert_close(adapter(37.0 * x), got)
 
 
+def test_adapter_standardises_its_input_from_split_moments():
+    import pyarrow as pa
+
+    from pipeline.clip_data import embedding_moments, standardisation
+
+    rng = np.random.default_rng(0)
+    d = 16
+    # LLM-like embeddings: a large shared direction and small differences between captions
+    x = rng.normal(size=(40, d)) * 0.05 + np.linspace(3, 6, d)
+    # moments summed over blocks of a nested (per-sample list) column equal the whole split's
+    blocks = [pa.table({"embedding": pa.array([[list(r), list(r * 1.5)] for r in x[i:i + 7]], type=pa.list_(pa.list_(pa.float32())))})
+              for i in range(0, 40, 7)]
+    stats = standardisation(embedding_moments(b).to_pylist()[0] for b in blocks + [blocks[0].slice(0, 0)])
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)  # r and 1.5 r normalise alike
+    np.testing.assert_allclose(stats.shift, unit.mean(0), atol=1e-6)
+    np.testing.assert_allclose(1 / (np.asarray(stats.scale) * np.sqrt(d)), unit.std(0), rtol=1e-4)
+
+    torch.manual_seed(0)
+    adapter = TextAdapter(d, blocks=2, expansion=2, embed_dim=8).eval()
+    plain = [p.detach().clone() for p in adapter.parameters()]
+    adapter.standardise(stats)
+    z = (torch.tensor(unit) - torch.tensor(stats.shift)) * torch.tensor(stats.scale)
+    assert abs(float(z.norm(dim=-1).pow(2).mean()) - 1.0) < 1e-3  # unit norm on average
+    reference = TextAdapter(d, blocks=2, expansion=2, embed_dim=8).eval()
+    with torch.no_grad():
+        for p, q in zip(reference.parameters(), plain):
+            p.copy_(q)
+        # the standardised input through the plain blocks (the reference's own normalisation
+        # would rescale z: so apply its blocks by hand)
+        h = z.float()
+        for block in reference.blocks:
+            h = block(h)
+        expected = reference.proj(reference.norm(h))
+        torch.testing.assert_close(adapter(torch.tensor(x, dtype=torch.float32)), expected, rtol=1e-4, atol=1e-5)
+        # the shared direction no longer dominates: standardised captions are far less alike
+        cos = F.normalize(z, dim=-1) @ F.normalize(z, dim=-1).T
+        assert cos[~torch.eye(len(z), dtype=torch.bool)].abs().mean() < 0.5 < float((torch.tensor(unit) @ torch.tensor(unit).T).min())
+    with pytest.raises(ValueError, match="dim"):
+        TextAdapter(d + 1).standardise(stats)
+    with pytest.raises(ValueError, match="no caption embeddings"):
+        standardisation([embedding_moments(blocks[0].slice(0, 0)).to_pylist()[0]])
+
+
 def test_adapter_size_matches_the_paper():
     # ~274M parameters at d = 4096, embed_dim 1280 (REFERENCE.md, Stage 2); meta: no memory
     with torch.device("meta"):
@@ -274,6 +317,28 @@ def test_llm_tower_save_and_reload(llm_model, tmp_path):
     for img in images:
         hf = np.asarray(processor(img.convert("RGB"), return_tensors="np")["pixel_values"][0])
         np.testing.assert_allclose(to_pixel_values(img.convert("RGB"), loaded.image_spec), hf, atol=1e-5)
+
+
+def test_standardised_adapter_save_and_reload_and_older_weights(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.clip_data import TextStandardisation
+
+    torch.manual_seed(0)
+    model = LLM2CLIP.build(LLM2CLIPConfig(embed_dim=EMBED, text_dim=8, encoder_version="enc-test"), models["tiny-clip-vision"])
+    plain_emb = torch.randn(3, 8)
+    plain = model.encode_text(plain_emb)
+    model.text.standardise(TextStandardisation(shift=tuple([0.1] * 8), scale=tuple(float(v) for v in range(1, 9))))
+    model.save_pretrained(tmp_path / "m")
+    loaded = LLM2CLIP.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(loaded.text.input_scale, torch.arange(1, 9, dtype=torch.float32))
+    torch.testing.assert_close(loaded.encode_text(plain_emb), model.encode_text(plain_emb), rtol=0, atol=1e-6)
+    assert not torch.allclose(loaded.encode_text(plain_emb), plain)
+    # weights saved before the adapter standardised: they load, as the identity
+    weights = tmp_path / "m" / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if ".input_" not in k}, str(weights))
+    older = LLM2CLIP.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(older.encode_text(plain_emb), plain, rtol=0, atol=1e-6)
 
 
 def test_clip_tower_save_and_reload(clip_model, tmp_path):

@@ -43,7 +43,7 @@ def store(clip_store):
 
 # the main run's recipe: accum_steps 2 (the contrastive batch of 8 spans two micro-batches of 2 on
 # each of 2 workers); bf16 and gradient checkpointing as on GPUs (DeepSpeed's CPU accelerator here)
-MAIN = dict(epochs=2, accum_steps=2, precision="bf16", gradient_checkpointing=True, min_coverage=0.5)
+MAIN = dict(epochs=2, accum_steps=2, precision="bf16", gradient_checkpointing=True, min_coverage=0.5, standardise_text=True)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,8 @@ def test_trains_and_hands_over_a_registered_model(trained, cluster, monkeypatch)
     torch.testing.assert_close(local.encode_image(pixels), registered.encode_image(pixels), rtol=0, atol=0)
     emb = torch.randn(2, local.config.text_dim)
     torch.testing.assert_close(local.encode_text(emb), registered.encode_text(emb), rtol=0, atol=0)
+    # standardise_text: the training split's standardisation travelled to the workers and was saved
+    assert local.text.input_shift.abs().sum() > 0 and not torch.allclose(local.text.input_scale, torch.ones(local.config.text_dim))
 
 
 def test_run_is_tracked_with_lineage_and_an_alias(trained, cluster):
@@ -143,7 +145,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(trained, store
     trainer); its driver SIGKILLed once a trial has ended, then run again. Here, before the
     next test adds a dataset to the stores: it reads the samples the main run joined."""
     root = store
-    config = _config(root, cluster, "sweep", sweep=SWEEP, min_coverage=0.5)
+    config = _config(root, cluster, "sweep", sweep=SWEEP, min_coverage=0.5, standardise_text=True)
     client = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
     experiment_id = client.get_experiment_by_name("llm2clip-tests").experiment_id
     name = sweep_name(load_config(config))

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import ray
 
 from pipeline.captioning import configured_caption_version
-from pipeline.clip_data import PAYLOAD, order_key, prepare_batch, sample_digest
+from pipeline.clip_data import PAYLOAD, TextStandardisation, embedding_moments, order_key, prepare_batch, sample_digest, standardisation
 from pipeline.config import PipelineConfig
 from pipeline.stages.trainer import storage_path
 from pipeline.store import Store, read_record, resolve_filesystem, utc_now, write_record
@@ -217,6 +217,7 @@ class SampleData:
     train: Any  # ray Dataset of numbered training samples, through the training image pipeline
     val: Any  # ray Dataset of prepared (decoded, centre-cropped) validation samples
     meta: SamplesMeta
+    text_standardisation: TextStandardisation | None = None  # the adapter's input (train_clip.standardise_text)
 
     @property
     def datasets(self) -> dict[str, Any]:
@@ -238,7 +239,17 @@ def load_samples(cfg: PipelineConfig, inputs: ClipInputs) -> SampleData:
     weights = {inputs.captions.named[n]: w for n, w in tc.caption_weights.items()}
     train = ray.data.read_parquet(f"{rows.root}/train", filesystem=rows.fs).randomize_block_order().map_batches(
         prepare_batch, fn_kwargs=dict(**prep, train=True, crop_scale=tc.crop_scale, weights=weights), batch_format="pyarrow", batch_size=64)
-    return SampleData(train, val, rows.meta)
+    stats = None
+    if tc.standardise_text and prep["payload"] == "embedding":
+        stats = text_standardisation(ray.data.read_parquet(f"{rows.root}/train", filesystem=rows.fs, columns=["embedding"]))
+    return SampleData(train, val, rows.meta, stats)
+
+
+def text_standardisation(ds) -> TextStandardisation:
+    """The adapter's input standardisation from a dataset's `embedding` column (one pass, summed
+    per block)."""
+    ds.context.enable_progress_bars = False  # a second or two: no bar
+    return standardisation(ds.select_columns(["embedding"]).map_batches(embedding_moments, batch_format="pyarrow", batch_size=None).take_all())
 
 
 # ----------------------------------------------------------------- the join

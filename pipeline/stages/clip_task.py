@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 import numpy as np
 import ray
 
-from pipeline.clip_data import PAYLOAD, draw_caption, normalise_pixels
+from pipeline.clip_data import PAYLOAD, TextStandardisation, draw_caption, normalise_pixels
 from pipeline.clip_model import LLM2CLIPConfig
 from pipeline.config import PipelineConfig, TrainClipConfig
 from pipeline.image_transforms import ImageSpec
 from pipeline.metrics import retrieval_recall
-from pipeline.stages.clip_samples import ClipInputs, TextSource
+from pipeline.stages.clip_samples import ClipInputs, SampleData, TextSource
 from pipeline.stages.trainer import StepOutput, TrainPlan, TrainTask, WorkerContext
 from pipeline.training import TrainState, total_steps, unseen_batches
 
@@ -56,10 +56,10 @@ def clip_steps(tc: TrainClipConfig, num_train: int) -> int:
     return total_steps(num_train, tc.global_batch_size, tc.epochs, tc.max_steps, "train_clip")
 
 
-def clip_training(cfg: PipelineConfig, inputs: ClipInputs, run_name: str, num_train: int, tracker) -> tuple[ClipTask, TrainPlan]:
+def clip_training(cfg: PipelineConfig, inputs: ClipInputs, data: SampleData, run_name: str, tracker) -> tuple[ClipTask, TrainPlan]:
     """The task and the plan of a train-clip run on the shared trainer (`tracker`: its MLflow run)."""
-    plan = train_plan(cfg.train_clip, run_name, num_train, tracker.tracking_uri if tracker.enabled else None, tracker.run_id)
-    return ClipTask.of(cfg, inputs), plan
+    plan = train_plan(cfg.train_clip, run_name, data.meta.num_train, tracker.tracking_uri if tracker.enabled else None, tracker.run_id)
+    return ClipTask.of(cfg, inputs, data.text_standardisation), plan
 
 
 def train_plan(tc: TrainClipConfig, run_name: str, num_train: int, tracking_uri: str | None, run_id: str | None,
@@ -80,17 +80,25 @@ class ClipTask(TrainTask):
     clip_text_path: str | None
     eval_versions: dict[str, str]  # validation set name -> caption version
     shuffle_buffer: int
+    text_standardisation: TextStandardisation | None = None  # the adapter's input, from the training split
 
     @classmethod
-    def of(cls, cfg: PipelineConfig, inputs: ClipInputs) -> ClipTask:
+    def of(cls, cfg: PipelineConfig, inputs: ClipInputs, text_standardisation: TextStandardisation | None = None) -> ClipTask:
         tc = cfg.train_clip
         return cls(tc=tc, source=inputs.source, vision_path=inputs.vision, clip_text_path=inputs.clip_text,
                    eval_versions={name: inputs.captions.named[v] for name, v in tc.eval_captions.items()},
-                   shuffle_buffer=shuffle_buffer_rows(tc.global_batch_size, tc.num_workers))
+                   shuffle_buffer=shuffle_buffer_rows(tc.global_batch_size, tc.num_workers), text_standardisation=text_standardisation)
 
     @property
     def model_config(self) -> LLM2CLIPConfig:
         return model_config_for(self.tc, self.source, self.vision_path)
+
+    def _standardised(self, model):
+        """`model` with the training split's input standardisation on its adapter, if any. A
+        buffer: set on every model this task builds, since exported weights hold parameters only."""
+        if self.text_standardisation is not None and model.config.text_tower == "llm":
+            model.text.standardise(self.text_standardisation)
+        return model
 
     def _setup(self, ctx: WorkerContext) -> None:
         """The worker-side state every variant of the task has: its loss, the unreadable images seen."""
@@ -103,7 +111,7 @@ class ClipTask(TrainTask):
     def build(self, ctx: WorkerContext):
         from pipeline.clip_model import LLM2CLIP
 
-        model = LLM2CLIP.build(self.model_config, self.vision_path, self.clip_text_path)
+        model = self._standardised(LLM2CLIP.build(self.model_config, self.vision_path, self.clip_text_path))
         if self.tc.vision_unlocked_groups is not None:
             model.vision.lock(self.tc.vision_unlocked_groups)
         if self.tc.gradient_checkpointing:
@@ -251,7 +259,7 @@ class ClipTask(TrainTask):
     def save_model(self, weights: dict[str, Any], folder: Path) -> None:
         from pipeline.clip_model import LLM2CLIP
 
-        model = LLM2CLIP.build(self.model_config, self.vision_path, self.clip_text_path)
+        model = self._standardised(LLM2CLIP.build(self.model_config, self.vision_path, self.clip_text_path))
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or any(k in dict(model.named_parameters()) for k in missing):
             raise RuntimeError(f"exported weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -290,11 +298,12 @@ class FeatureClipTask(ClipTask):
     def build(self, ctx: WorkerContext):
         from pipeline.clip_model import LLM2CLIP
 
+        model = self._standardised(LLM2CLIP.on_features(self.model_config, self.feature_dim))
         self._setup(ctx)
         ray.data.DataContext.get_current().enable_progress_bars = False  # a trial reads small cached rows, every epoch
         self.flops_per_sample = 0.0
         self._train: dict[str, np.ndarray] | None = None
-        return LLM2CLIP.on_features(self.model_config, self.feature_dim).to(ctx.device)
+        return model.to(ctx.device)
 
     def batches(self, shard, state: TrainState, ctx: WorkerContext):
         if self._train is None:

@@ -39,10 +39,11 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray
 
+from pipeline.clip_data import TextStandardisation
 from pipeline.config import PipelineConfig, SearchDomain, validate_config
 from pipeline.image_transforms import ImageSpec
 from pipeline.records import Tracked, hidden, label
-from pipeline.stages.clip_samples import CaptionPlan, ClipInputs, TextSource, load_samples, read_meta, write_meta
+from pipeline.stages.clip_samples import CaptionPlan, ClipInputs, TextSource, load_samples, read_meta, text_standardisation, write_meta
 from pipeline.stages.clip_task import MEAN_R1, ClipTask, FeatureClipTask, train_plan
 from pipeline.stages.features import FeatureResult, compute_features, feature_identity
 from pipeline.stages.tracking import Tracker, open_run
@@ -77,6 +78,7 @@ class TrialInputs:
     num_train: int
     feature_dim: int | None = None
     image_spec: ImageSpec | None = None  # what the cached features were computed with (cheap)
+    text_standardisation: TextStandardisation | None = None  # of the training split's embeddings (cheap)
     tracking_uri: str | None = None
     experiment_id: str | None = None
     parent_run_id: str | None = None
@@ -123,11 +125,13 @@ def run_trial(values: dict[str, Any], inputs: TrialInputs, datasets: dict[str, A
         task = FeatureClipTask(tc=tc, source=inputs.source, vision_path=inputs.vision, clip_text_path=None,
                                eval_versions={name: captions.named[v] for name, v in tc.eval_captions.items()}, shuffle_buffer=0,
                                image_spec=inputs.image_spec, feature_dim=inputs.feature_dim,
-                               weights={captions.named[n]: w for n, w in tc.caption_weights.items()})
+                               weights={captions.named[n]: w for n, w in tc.caption_weights.items()},
+                               text_standardisation=inputs.text_standardisation if tc.standardise_text else None)
         data = datasets
     else:
         clip_inputs = ClipInputs.resolve(cfg, inputs.source)
-        task, data = ClipTask.of(cfg, clip_inputs), load_samples(cfg, clip_inputs).datasets
+        samples = load_samples(cfg, clip_inputs)
+        task, data = ClipTask.of(cfg, clip_inputs, samples.text_standardisation), samples.datasets
     plan = train_plan(tc, run_name, inputs.num_train, tracking_uri, tracker.run_id, checkpoint_epochs=True)
     done = finished_run(plan, inputs.storage)
     if done is not None:  # trained before the sweep's driver stopped: report its result, train nothing
@@ -312,6 +316,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker) -> SweepResult:
     trial = TrialInputs(base=cfg.model_dump(mode="json"), sweep_name=name, mode=sw.mode, storage=f"{storage.rstrip('/')}/sweep-trials",
                         max_epochs=sw.max_epochs, workers=workers, cpus_per_worker=cpus, source=inputs.source, vision=inputs.vision,
                         num_train=num_train, feature_dim=feature.dim if feature else None, image_spec=feature.spec if feature else None,
+                        text_standardisation=text_standardisation(datasets["train"]) if datasets else None,
                         tracking_uri=cfg.mlflow.tracking_uri if tracker.enabled else None, experiment_id=experiment_id,
                         parent_run_id=tracker.run_id)
     tracker.set_tags({SWEEP_KEY: name, "llm2clip.sweep.mode": sw.mode, "llm2clip.sweep.search": result.search,

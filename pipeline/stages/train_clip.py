@@ -126,7 +126,7 @@ def run_train_clip(cfg: PipelineConfig, tracker: Tracker, plan: TrainClipPlan | 
     tracker.set_tags({"llm2clip.run_name": name, "llm2clip.inputs.manifest": manifest, "llm2clip.inputs.embeddings": source.encoder_version or "",
                       "llm2clip.encoder_version": source.encoder_version or "", "llm2clip.inputs.captions": json.dumps(named),
                       "llm2clip.vision_model": inputs.vision})
-    task, training = clip_training(cfg, inputs, name, meta.num_train, tracker)
+    task, training = clip_training(cfg, inputs, data, name, tracker)
     tracker.log_params({"train_images": meta.num_train, "val_images": meta.num_val, "total_steps": training.total_steps,
                         "global_batch": tc.global_batch_size, "samples_digest": meta.digest})
     lineage = ModelLineage(stage="train-clip", run_name=name, steps=training.total_steps, config=tc.model_dump(mode="json"), code=code_version(),
