@@ -313,10 +313,11 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker) -> SweepResult:
         num_train = inputs.joined(cfg).samples.meta.num_train
     experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id if tracker.enabled else None
     storage = inputs.storage
+    standardises = tc.standardise_text or "train_clip.standardise_text" in sw.space  # else no trial needs the pass
     trial = TrialInputs(base=cfg.model_dump(mode="json"), sweep_name=name, mode=sw.mode, storage=f"{storage.rstrip('/')}/sweep-trials",
                         max_epochs=sw.max_epochs, workers=workers, cpus_per_worker=cpus, source=inputs.source, vision=inputs.vision,
                         num_train=num_train, feature_dim=feature.dim if feature else None, image_spec=feature.spec if feature else None,
-                        text_standardisation=text_standardisation(datasets["train"]) if datasets else None,
+                        text_standardisation=text_standardisation(datasets["train"]) if datasets and standardises else None,
                         tracking_uri=cfg.mlflow.tracking_uri if tracker.enabled else None, experiment_id=experiment_id,
                         parent_run_id=tracker.run_id)
     tracker.set_tags({SWEEP_KEY: name, "llm2clip.sweep.mode": sw.mode, "llm2clip.sweep.search": result.search,
