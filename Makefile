@@ -1,6 +1,7 @@
 # llm2clip-pipeline: every target does its own set-up, idempotently.
 #   make demo    run the whole pipeline (jobs.pipeline) on the embedded default (local Ray + MLflow):
 #                ingest, recaption, embed, corpus, finetune-text, embed-finetuned, train-clip, evaluate
+#   make serve   after make demo: the search service on the demo's model (http://127.0.0.1:8000/)
 #   make test    run the test suite (starts its own local cluster on separate ports)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,7 +12,7 @@ export LLM2CLIP_RUN_DIR := $(abspath $(RUN_DIR))
 MODELS := $(LLM2CLIP_RUN_DIR)/models
 CONFIG ?= configs/local.yaml
 
-.PHONY: venv datasets browser models demo test bench cluster-up cluster-down cluster-status rig-up rig-down clean clean-runs
+.PHONY: venv datasets browser models demo serve serve-down test bench cluster-up cluster-down cluster-status rig-up rig-down clean clean-runs
 
 venv: $(VENV)/.installed
 
@@ -75,7 +76,20 @@ demo: models datasets cluster-up
 	echo "stores:      $(LLM2CLIP_RUN_DIR)/store  (manifest, captions, embeddings, rejects)"; \
 	echo "models:      $(MODELS)"; \
 	echo "Ray:         $$RAY_DASHBOARD_ADDRESS  (stop Ray and MLflow with: make cluster-down)"; \
-	echo "MLflow:      $$($(PY) -c "import json; print(json.load(open('$(LLM2CLIP_RUN_DIR)/pipeline.json'))['mlflow_url'])")"
+	echo "MLflow:      $$($(PY) -c "import json; print(json.load(open('$(LLM2CLIP_RUN_DIR)/pipeline.json'))['mlflow_url'])")"; \
+	echo "search:      make serve   (the model as a service with a search page: http://127.0.0.1:8000/)"
+
+# The search service (jobs.serve) on the demo's registered model (models:/llm2clip-model@current)
+# and dataset: builds or tops up the image index, deploys on the local cluster, returns. It
+# keeps serving until `make serve-down` (or make cluster-down). Token: $(RUN_DIR)/serve/token.
+serve: models cluster-up
+	@set -e; source $(LLM2CLIP_RUN_DIR)/cluster.env; \
+	$(PY) -m jobs.serve --config $(CONFIG) --summary-json $(LLM2CLIP_RUN_DIR)/serve.json; \
+	echo; echo "== search page: $$($(PY) -c "import json; print(json.load(open('$(LLM2CLIP_RUN_DIR)/serve.json'))['url'])")"; \
+	echo "token:       $(LLM2CLIP_RUN_DIR)/serve/token  (the page asks for it; curl: -H \"Authorization: Bearer \$$(cat $(LLM2CLIP_RUN_DIR)/serve/token)\")"; \
+	echo "stop it:     make serve-down"
+serve-down:
+	@set -e; source $(LLM2CLIP_RUN_DIR)/cluster.env; $(PY) -m jobs.serve --config $(CONFIG) --set serve.action=stop
 
 test: models datasets browser
 	$(PY) -m pytest $(PYTEST_ARGS)

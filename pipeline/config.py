@@ -734,6 +734,57 @@ class ExportConfig(Section):
     concurrency: int | None = Field(None, ge=1, description="shards written at once (None: Ray decides)")
 
 
+# ---------------------------------------------------------------- serve
+class ServeDeployment(Section):
+    """One Ray Serve deployment: replicas, the hardware of each, and its request batching."""
+
+    replicas: int = Field(1, ge=1, description="replicas (one model load each)")
+    cpus: float = Field(1.0, gt=0, description="CPUs per replica")
+    gpus: float = Field(0.0, ge=0, description="GPUs per replica (0: CPU)")
+    resources: Resources = Field(default_factory=dict, description="custom Ray resources per replica")
+    max_batch_size: int = Field(16, ge=1, description="requests batched into one forward pass (@serve.batch)")
+    batch_wait_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+
+
+class ServeConfig(Section):
+    """`jobs.serve`: a trained model's embeddings and search over one dataset's images (Ray Serve)."""
+
+    action: Literal["deploy", "index", "stop"] = Field("deploy", description="deploy: build or top up the index, then deploy "
+                                                     "(or roll) the app; index: the index only (a RayJob before a RayService "
+                                                     "rolls); stop: delete the app")
+    model: ModelRef | None = Field(None, description="the LLM2CLIP model: models:/NAME@ALIAS, models:/NAME/VERSION or a path; "
+                                   "default models:/{train_clip.register_as}@{train_clip.register_alias}")
+    text_encoder: ModelRef | None = Field(None, description="the LLM text encoder (llm tower); default the one the model records")
+    dataset: str | None = Field(None, description="manifest version whose images are searched; default ingest.dataset")
+    split: Literal["train", "val", "test"] | None = Field(None, description="search this split only (None: every image)")
+    caption_versions: list[str] = Field(default_factory=lambda: ["provided", "original"],
+                                        description="caption versions an image query's nearest captions come from (their "
+                                        "embeddings by the model's encoder must be in the embedding store)")
+    host: str = Field("127.0.0.1", description="where HTTP listens: loopback locally; 0.0.0.0 in a pod")
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = Field("/", description="the app's HTTP prefix")
+    app_name: str = Field("llm2clip-search", description="the Serve application's name")
+    token_env: str = Field("LLM2CLIP_SERVE_TOKEN", description="environment variable holding the bearer token (a Secret)")
+    token_file: PathOrUri | None = Field(None, description="file holding the bearer token, when the variable is not set")
+    clip_deployment: ServeDeployment = Field(default_factory=ServeDeployment, description="the vision tower and the text adapter")
+    text_deployment: ServeDeployment = Field(default_factory=ServeDeployment, description="the LLM text encoder")
+    api_replicas: int = Field(1, ge=1, description="replicas of the HTTP front (the index in memory in each)")
+    api_cpus: float = Field(0.5, gt=0, description="CPUs per replica of the HTTP front")
+    top_k: int = Field(10, ge=1, description="results when a request gives no k")
+    max_top_k: int = Field(100, ge=1)
+    max_text_chars: int = Field(4000, ge=1, description="longer texts are cut here (the answer says truncated)")
+    max_request_bytes: int = Field(10_000_000, ge=1, description="larger request bodies are refused (413)")
+    image_limits: ImageLimits = Field(default_factory=lambda: ImageLimits(max_pixels=40_000_000, max_bytes=10_000_000),
+                                      description="an uploaded image is checked as ingest checks files")
+    thumbnail_size: int = Field(128, ge=16, le=512, description="longest side of the result grid's thumbnails")
+    approximate_from: int | None = Field(200_000, ge=1, description="from this many images on, search a faiss HNSW graph "
+                                         "instead of exactly (None: always exact); see bench/serve.py")
+    index_actors: PoolSize = Field(1, description="Ray Data actors computing the index's image embeddings")
+    index_batch_size: int = Field(64, ge=1)
+    index_cpus: float = Field(1.0, gt=0, description="CPUs per index actor")
+    index_gpus: float = Field(0.0, ge=0, description="GPUs per index actor")
+
+
 # ---------------------------------------------------------------- the whole run
 PipelineStage = Literal["ingest", "recaption", "embed", "corpus", "finetune-text", "embed-finetuned", "train-clip", "evaluate", "sweep"]
 PIPELINE_STAGES: tuple[str, ...] = get_args(PipelineStage)
@@ -770,6 +821,7 @@ class PipelineConfig(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     pipeline: PipelineJobConfig = Field(default_factory=PipelineJobConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @property
     def storage(self) -> str:

@@ -48,6 +48,19 @@ def registry_source(ref: str, tracking_uri: str | None) -> str:
     return f"{source.rstrip('/')}/{rest}" if rest else source
 
 
+def pin_alias(ref: str, tracking_uri: str | None) -> str:
+    """models:/NAME@ALIAS[/path] -> models:/NAME/VERSION[/path], the version the alias names now
+    (so every loader gets the same weights if the alias moves meanwhile); other references as they are."""
+    if not ref.startswith("models:/") or "@" not in ref.split("/")[1]:
+        return ref
+    from mlflow import MlflowClient
+
+    name, _, rest = ref[len("models:/"):].partition("/")
+    name, alias = name.split("@", 1)
+    version = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_by_alias(name, alias).version
+    return f"models:/{name}/{version}" + (f"/{rest}" if rest else "")
+
+
 def cache_dir() -> str:
     """This node's model cache: LLM2CLIP_MODEL_CACHE, else {LLM2CLIP_RUN_DIR}/model-cache (the
     node's scratch), else the temp folder. Never shared between nodes."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -409,6 +410,12 @@ class Transaction:
             self.store.fs.delete_dir(self.staging_dir)
         except FileNotFoundError:
             pass
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A vector column (float16 or float32 fixed-size lists) as one float32 (n, dim) matrix."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(column), column.type.list_size)
 
 
 def put_atomically(fs: pafs.FileSystem, path: str, text: str) -> None:

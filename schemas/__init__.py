@@ -82,6 +82,25 @@ def features_schema(dim: int | None = None, value_type: pa.DataType = pa.float32
 FEATURES = features_schema()
 
 
+def image_index_schema(dim: int | None = None, value_type: pa.DataType = pa.float32()) -> pa.Schema:
+    """The image index's schema: a trained LLM2CLIP model's unit image embeddings (what
+    `jobs.serve` searches), with a small thumbnail of each image for the result grid."""
+    list_type = pa.list_(value_type, dim) if dim else pa.list_(value_type)
+    return pa.schema(
+        [
+            _field("image_id", pa.string(), "joins the image manifest"),
+            _field("sha256", pa.string(), "sha256 of the image bytes the embedding was computed from"),
+            _field("index_version", pa.string(), "identifies the model's weights (vision tower, projection, image transform)"),
+            _field("dim", pa.int32(), "embedding dimension"),
+            _field("embedding", list_type, "float32 unit image embedding in the model's joint space, fixed-size list"),
+            _field("thumbnail", pa.binary(), "JPEG thumbnail (longest side serve.thumbnail_size) for the result grid"),
+        ]
+    )
+
+
+IMAGE_INDEX = image_index_schema()
+
+
 @dataclass(frozen=True)
 class VectorColumn:
     """The vector column of a store holding one fixed-size float vector per row. One version
@@ -100,6 +119,7 @@ VECTOR_STORES = {
     # float16 halves the store; versions written as float32 before stay readable (and appendable)
     "embeddings": VectorColumn("embedding", embeddings_schema, (pa.float16(), pa.float32())),
     "features": VectorColumn("feature", features_schema, (pa.float32(),)),
+    "image_index": VectorColumn("embedding", image_index_schema, (pa.float32(),)),
 }
 
 REJECTS = pa.schema(
@@ -131,6 +151,7 @@ STORE_SCHEMAS: dict[str, pa.Schema] = {
     "captions": CAPTIONS,
     "embeddings": EMBEDDINGS,
     "features": FEATURES,
+    "image_index": IMAGE_INDEX,
     "rejects": REJECTS,
     "sources": SOURCES,
 }
@@ -141,6 +162,7 @@ STORE_KEYS: dict[str, tuple[str, ...]] = {
     "captions": ("caption_id",),
     "embeddings": ("caption_id",),
     "features": ("image_id",),
+    "image_index": ("image_id",),
     "rejects": ("stage", "record_id", "reason"),
     # one row per (location, size, mtime) and limits: a refresh skips listed rows whose identity is here, unopened
     "sources": ("uri", "size", "mtime_ns", "checked_with"),

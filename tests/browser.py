@@ -227,3 +227,49 @@ def review_parent_run(tracking_uri: str, experiment_id: str, parent_run_id: str,
     return RunReview(default_view, runs_view, collapsed, expanded, child_runs, artifacts, table_artifact, columns, rows,
                      charts, shots, round(time.monotonic() - started, 1))
 
+
+
+# ---------------------------------------------------------------- the search page of jobs.serve
+@dataclass
+class SearchSeen:
+    """What the search page showed: image ids in grid order, and the caption list's image ids."""
+
+    unauthorized_status: str  # the status line after a search with a wrong token
+    text_results: list[str]
+    image_results: list[str]
+    image_captions: list[str]
+    screenshots: dict[str, Path] = field(default_factory=dict)
+
+
+def _grid(page) -> list[str]:
+    return page.locator("#results .card").evaluate_all("cards => cards.map(c => c.dataset.imageId)")
+
+
+def search_page(url: str, token: str, text: str, image: Path, screenshot_dir: Path) -> SearchSeen:
+    """As a person would: a wrong token first, then the right one; type a caption and search;
+    then drop an image file on the drop zone (a real `drop` event carrying the file)."""
+    import base64
+
+    with reviewer(screenshot_dir) as rv, rv.fresh_page(1280, 900) as page:
+        page.goto(url)
+        page.fill("#token", "not-the-token")
+        page.fill("#text", text)
+        page.click("#search")
+        page.locator("#status.error").wait_for()
+        refused = page.inner_text("#status")
+        page.fill("#token", token)
+        page.click("#search")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('images (')")
+        by_text = _grid(page)
+        shots = {"text": rv.shot(page, "search-text.png")}
+        page.evaluate("document.querySelector('#status').textContent = ''")
+        transfer = page.evaluate_handle(
+            """([b64, name]) => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                const dt = new DataTransfer(); dt.items.add(new File([bytes], name, {type: 'image/png'})); return dt; }""",
+            [base64.b64encode(image.read_bytes()).decode(), image.name])
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_function("document.querySelector('#status').textContent.includes('images (')")
+        by_image = _grid(page)
+        captions = page.locator("#captions li").evaluate_all("items => items.map(i => i.dataset.imageId)")
+        shots["image"] = rv.shot(page, "search-image.png")
+    return SearchSeen(refused, by_text, by_image, captions, shots)

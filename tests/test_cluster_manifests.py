@@ -42,7 +42,7 @@ MLFLOW_SECRET = "llm2clip-mlflow"
 
 #: Every job module in jobs/ (issue 20 adds `pipeline`); each needs a RayJob.
 EXPECTED_JOBS = ("ingest", "recaption", "embed", "corpus", "finetune_text", "train_clip", "evaluate", "sweep", "refresh", "pipeline",
-                 "export")
+                 "export", "serve")
 PIPELINE_STAGES = ("ingest", "recaption", "embed", "corpus", "finetune-text", "embed-finetuned", "train-clip", "evaluate", "sweep")
 COMMON_FLAGS = {"--config", "--set", "--validate-only", "--summary-json", "--help"}
 JOB_FLAGS = {job: set(COMMON_FLAGS) for job in EXPECTED_JOBS}
@@ -89,6 +89,8 @@ def pod_specs(doc: dict) -> dict[str, dict]:
             pods["submitter"] = spec["submitterPodTemplate"]["spec"]
         spec = spec.get("rayClusterSpec") or {}
         kind = "RayCluster" if spec else None
+    if kind == "RayService":
+        spec, kind = spec["rayClusterConfig"], "RayCluster"
     if kind == "RayCluster":
         pods["head"] = spec["headGroupSpec"]["template"]["spec"]
         for group in spec.get("workerGroupSpecs", []):
@@ -123,7 +125,7 @@ def ray_containers() -> list[tuple[str, dict]]:
     """Containers that run Ray: every head/worker container of the RayCluster and of RayJobs with their own cluster."""
     out = []
     for path, doc in k8s_docs():
-        if doc.get("kind") == "RayCluster" or (doc.get("kind") == "RayJob" and doc["spec"].get("rayClusterSpec")):
+        if doc.get("kind") in ("RayCluster", "RayService") or (doc.get("kind") == "RayJob" and doc["spec"].get("rayClusterSpec")):
             for role, pod in pod_specs(doc).items():
                 if role != "submitter":
                     out += [(f"{path.name}:{role}/{c['name']}", c) for c in pod["containers"]]
@@ -417,7 +419,8 @@ def test_nothing_is_exposed_beyond_the_cluster_network():
         assert kind not in ("Ingress", "Route", "Gateway"), f"{path.name}: {kind}"
         if kind == "Service":
             assert spec.get("type", "ClusterIP") == "ClusterIP", f"{path.name}: Service type {spec.get('type')}"
-        cluster = spec if kind == "RayCluster" else spec.get("rayClusterSpec") if kind == "RayJob" else None
+        cluster = (spec if kind == "RayCluster" else spec.get("rayClusterSpec") if kind == "RayJob"
+                   else spec.get("rayClusterConfig") if kind == "RayService" else None)
         if cluster:
             head = cluster["headGroupSpec"]
             assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{path.name}: head serviceType"
@@ -441,7 +444,7 @@ NO_RAY_WORK = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Persistent
 #: The stages of each single-stage job (jobs.refresh and jobs.pipeline: `job_stages`).
 SINGLE_STAGE_JOBS = {"ingest": "ingest", "recaption": "recaption", "embed": "embed", "corpus": "corpus",
                      "finetune_text": "finetune-text", "train_clip": "train-clip", "evaluate": "evaluate", "sweep": "sweep",
-                     "export": "export"}
+                     "export": "export", "serve": "serve"}
 
 
 @dataclass(frozen=True)
@@ -534,6 +537,14 @@ def stage_steps(cfg: PipelineConfig, stage: str) -> list[list[Demand]]:
         if sw.mode == "cheap":
             return [[Demand("sweep feature actor", pool_bounds(sw.feature_actors)[0], {"CPU": 1.0})], [trial]]
         return [[trial, DATA_TASK]]
+    if stage == "serve":  # pipeline/stages/serve.py: the index (image_index.build_index), then the app's replicas
+        sc = cfg.serve
+        index = [Demand("serve index actor", pool_bounds(sc.index_actors)[0], bundle(sc.index_cpus, sc.index_gpus, {}))]
+        if sc.action != "deploy":
+            return [index]
+        replicas = [Demand(f"serve {name} replica", d.replicas, bundle(d.cpus, d.gpus, d.resources))
+                    for name, d in (("ClipTowers", sc.clip_deployment), ("LlmEncoder", sc.text_deployment))]
+        return [index, [*replicas, Demand("serve SearchApi replica", sc.api_replicas, {"CPU": sc.api_cpus})]]
     raise AssertionError(f"no demand known for stage {stage}: add it to stage_steps")
 
 
@@ -613,9 +624,9 @@ def scheduling_cases() -> list[tuple[str, list[str], list[NodeGroup]]]:
         kind, where = doc["kind"], str(path.relative_to(CLUSTER))
         if kind == "RayJob":
             cases.append(rayjob_case(where, doc))
-        elif kind == "CronJob":  # it creates the RayJob of the file in its ConfigMap (refresh-rayjob.yaml)
+        elif kind == "CronJob":  # it creates the RayJob of the file in its ConfigMap (refresh-rayjob.yaml), if any
             pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-            files = [i["key"] for v in pod["volumes"] if "configMap" in v for i in v["configMap"]["items"]]
+            files = [i["key"] for v in pod.get("volumes", []) if "configMap" in v for i in v["configMap"]["items"]]
             for name in files:
                 cases.append(rayjob_case(f"{where} -> {name}", one("RayJob", KUBERAY / name)))
         elif kind == "RayCluster":  # a long-lived cluster: the jobs that select it (runbook.md submits the same by hand)
@@ -623,7 +634,13 @@ def scheduling_cases() -> list[tuple[str, list[str], list[NodeGroup]]]:
             argvs = [entrypoint_argv(d) for _, d in docs
                      if d["kind"] == "RayJob" and d["spec"].get("clusterSelector", {}).get("ray.io/cluster") == name]
             cases += [(where, argv, ray_node_groups(doc["spec"])) for argv in argvs]
-        else:  # a RayService (or any new kind that runs Ray) needs its demand added here
+        elif kind == "RayService":  # each Serve application, as jobs.serve deploys it (index, then replicas)
+            for entry in yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]:
+                args = entry["args"]
+                argv = ["python", "-m", "jobs.serve", "--config", args["config"],
+                        *[a for o in [*args.get("set", []), f"serve.model={args['model']}"] for a in ("--set", o)]]
+                cases.append((f"{where}:{entry['name']}", argv, ray_node_groups(doc["spec"]["rayClusterConfig"])))
+        else:  # any new kind that runs Ray needs its demand added here
             assert kind in NO_RAY_WORK, f"{where}: {kind} is not covered by the scheduling check"
     (launcher,) = load(LAUNCHER_FILE)  # runbook.md submits every job's command to it with `ray job submit`
     cases += [(str(LAUNCHER_FILE.relative_to(CLUSTER)), argv, launcher_node_groups(launcher)) for argv in every_job]
@@ -824,3 +841,48 @@ def test_the_flags_the_runbook_relies_on_exist_in_the_code():
         assert quoted(flag, pipeline_sources), f"jobs.pipeline has no {flag}"
     for stage in PIPELINE_STAGES:
         assert quoted(stage, pipeline_sources), f"jobs.pipeline knows no stage {stage!r}"
+
+
+# ---------------------------------------------------------------- the search service (RayService)
+SERVICE_FILE = KUBERAY / "rayservice.yaml"
+
+
+def test_the_rayservice_builds_the_app_from_a_repo_config_with_a_pinned_model():
+    import importlib
+
+    service = one("RayService", SERVICE_FILE)
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["http_options"]["host"] == "0.0.0.0"  # inside the pod; the Service is ClusterIP
+    (application,) = serve_config["applications"]
+    module, _, attr = application["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    args = application["args"]
+    assert (REPO / args["config"]).is_file() and re.fullmatch(r"models:/[\w.-]+/\d+", args["model"]), args
+    load_config(REPO / args["config"], [*args["set"], f"serve.model={args['model']}"])  # valid as the builder loads it
+    token = {"name": "llm2clip-search-token", "key": "token"}
+    for role, pod in pod_specs(service).items():
+        for container in pod["containers"]:
+            assert env_of(container)["LLM2CLIP_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"] == token, role
+
+
+def test_the_rollout_moves_only_its_apps_model_and_may_patch_only_that_rayservice():
+    from pipeline.serve_rollout import app_model, rolled_serve_config
+
+    service = one("RayService", SERVICE_FILE)
+    current = service["spec"]["serveConfigV2"]
+    app = yaml.safe_load(current)["applications"][0]["name"]
+    assert rolled_serve_config(current, app, app_model(current, app)) is None  # already there: no patch
+    rolled = rolled_serve_config(current, app, "models:/llm2clip-model/42")
+    assert app_model(rolled, app) == "models:/llm2clip-model/42"
+    before, after = yaml.safe_load(current), yaml.safe_load(rolled)
+    after["applications"][0]["args"]["model"] = before["applications"][0]["args"]["model"]
+    assert after == before  # nothing else changed
+    with pytest.raises(ValueError, match="no application"):
+        rolled_serve_config(current, "another-app", "models:/x/1")
+    cron = one("CronJob", KUBERAY / "serve-rollout-cronjob.yaml")
+    command = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:3] == ["python", "-m", "pipeline.stages.serve_rollout"]
+    assert command[command.index("--rayservice") + 1] == service["metadata"]["name"] == command[command.index("--app") + 1]
+    (rule,) = one("Role", KUBERAY / "serve-rollout-cronjob.yaml")["rules"]
+    assert rule["resources"] == ["rayservices"] and rule["resourceNames"] == [service["metadata"]["name"]]
+    assert set(rule["verbs"]) == {"get", "patch"}

@@ -35,7 +35,7 @@ from pipeline.plans import StagePlan, not_ready
 from pipeline.records import Tracked, hidden, label
 from pipeline.stages.runtime import actor_pool
 from pipeline.stages.tracking import Tracker
-from pipeline.store import Store, Transaction, reject_row, utc_now
+from pipeline.store import Store, Transaction, embedding_matrix, reject_row, utc_now
 from pipeline.text_encoder import ENCODER_VERSION_PREFIX, TextEncoder
 from pipeline.timing import Laps
 from pipeline.versioning import code_version, text_sha256
@@ -149,12 +149,6 @@ def store_vectors(emb: np.ndarray, store_dtype: str, caption_ids: list[str]) -> 
                          f"{np.abs(emb[i]).max():.6g}, beyond {store_dtype}'s range (it would be stored as inf); "
                          f"set embed.store_dtype: float32 for this encoder")
     return pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), emb.shape[1])
-
-
-def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A column of stored embeddings (float16 or float32 fixed-size lists) as one float32 (n, dim) matrix."""
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(column), column.type.list_size)
 
 
 @ray.remote
