@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline.config import pool_bounds
 from pipeline.lineage import Lineage, StoreInput
 from pipeline.records import label
 from pipeline.stages.runtime import actor_pool
@@ -99,6 +98,10 @@ def _new_images(batch: pa.Table, existing: pa.Array) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch.column("image_id"), value_set=existing)))
 
 
+def _of_images(batch: pa.Table, wanted: pa.Array) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column("image_id"), value_set=wanted))
+
+
 def _status(batch: pa.Table) -> pa.Table:
     return batch.select(["image_id", "reason", "detail"])
 
@@ -138,17 +141,19 @@ def build_index(store_uri: str, ref: str, dataset: str, split: str | None, max_b
     result.skipped = result.images - todo.num_rows
     if not todo.num_rows:
         return result
-    # blocks cut here, and every task at the actors' CPUs: beside a running service (re-indexing
-    # after a refresh) a cluster may have less than one CPU free, which a default task waits for
-    blocks = max(pool_bounds(actors)[1], -(-todo.num_rows // batch_size))
-    step = -(-todo.num_rows // blocks)
-    computed = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)]).map_batches(
+    # Every task at the actors' CPUs: beside a running service (re-indexing after a refresh) a
+    # cluster may have less than one CPU free, which a default task (1 CPU) would wait for forever.
+    # (The manifest's files are the read's blocks: a large dataset spreads over the actors by them.)
+    manifest = Store(store_uri, "manifest")
+    computed = ray.data.read_parquet(manifest.files(dataset), filesystem=manifest.fs, columns=["image_id", "uri", "sha256"],
+                                     ray_remote_args={"num_cpus": cpus}).map_batches(
+        _of_images, fn_kwargs={"wanted": todo.column("image_id").combine_chunks()}, batch_format="pyarrow", num_cpus=cpus,
+    ).map_batches(
         ImageEmbedder, fn_constructor_kwargs=dict(ref=ref, version=version, max_bytes=max_bytes, thumbnail_size=thumbnail_size,
                                                   device="cuda" if gpus > 0 else "cpu"),
         batch_size=batch_size, batch_format="pyarrow", compute=actor_pool(actors), num_cpus=cpus, num_gpus=gpus).materialize()
     status = pa.concat_tables(ray.get(computed.map_batches(_status, batch_format="pyarrow", num_cpus=cpus).to_arrow_refs()))
     bad = status.filter(pc.not_equal(status.column("reason"), ""))
-    manifest = Store(store_uri, "manifest")
     lineage = Lineage(stage="index", inputs=[StoreInput("manifest", dataset, [c.commit_id for c in manifest.commits(dataset)])],
                       model=ref, model_fingerprint=version, dim=dim, code=code_version(), mlflow_run_id=run_id,
                       config={"split": split, "thumbnail_size": thumbnail_size})

@@ -66,6 +66,7 @@ class SearchSetup:
     token_env: str
     token_file: str | None
     approximate_from: int | None
+    ef_search: int
 
 
 @dataclass
@@ -161,7 +162,7 @@ class LlmEncoder:
 
 
 # ---------------------------------------------------------------- the HTTP front
-api = FastAPI(title="llm2clip search", docs_url=None, redoc_url=None)
+api = FastAPI(title="llm2clip search", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(checks.BadRequest)
@@ -221,13 +222,13 @@ class SearchApi:
             raise RuntimeError(f"the image index {setup.index_version} holds none of {setup.dataset}'s images: run jobs.serve "
                                "(it builds the index) before deploying")
         self.image_ids, self.thumbnails = loaded.image_ids, loaded.thumbnails
-        self.images = VectorIndex(loaded.vectors, setup.approximate_from)
+        self.images = VectorIndex(loaded.vectors, setup.approximate_from, ef_search=setup.ef_search)
         self.captions: CaptionIndex | None = None
         rows = _caption_rows(setup, set(self.image_ids)) if setup.text_tower == "llm" else None
         if rows:
             texts, owners, llm_vectors = rows
             vectors = await self._call(self.clip.adapt_all, llm_vectors)
-            self.captions = CaptionIndex(texts, owners, VectorIndex(vectors, setup.approximate_from))
+            self.captions = CaptionIndex(texts, owners, VectorIndex(vectors, setup.approximate_from, ef_search=setup.ef_search))
 
     async def _call(self, method, *args):
         """A deployment call, sent again when the replica it went to died."""
@@ -364,7 +365,8 @@ def search_setup(cfg: PipelineConfig, model: str, index_version: str) -> SearchS
         store_uri=cfg.store.uri, dataset=sc.dataset or cfg.ingest.dataset, split=sc.split, model=model, text_tower=text_tower,
         encoder_version=encoder_version, caption_versions=tuple(sc.caption_versions), index_version=index_version,
         top_k=sc.top_k, max_top_k=sc.max_top_k, max_text_chars=sc.max_text_chars, max_request_bytes=sc.max_request_bytes,
-        image_limits=sc.image_limits, token_env=sc.token_env, token_file=sc.token_file, approximate_from=sc.approximate_from)
+        image_limits=sc.image_limits, token_env=sc.token_env, token_file=sc.token_file, approximate_from=sc.approximate_from,
+        ef_search=sc.ef_search)
 
 
 def search_app(cfg: PipelineConfig, setup: SearchSetup):
