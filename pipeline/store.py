@@ -449,6 +449,16 @@ def reject_row(stage: str, record_id: str, reason: str, detail: str, time: datet
     return {"stage": stage, "record_id": record_id, "reason": reason, "detail": detail, "time": time}
 
 
+def append_image_rejects(store_uri: str, stage: str, version: str, bad: pa.Table, lineage: Lineage) -> None:
+    """Images a stage could not read (`bad`: image_id, reason, detail) into the rejects store's
+    version `version` (nothing when there are none)."""
+    if not bad.num_rows:
+        return
+    now = utc_now()
+    rows = [reject_row(stage, i, r, d, now) for i, r, d in zip(*(bad.column(c).to_pylist() for c in ("image_id", "reason", "detail")))]
+    Store(store_uri, "rejects").append(version, pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["rejects"]), lineage)
+
+
 def _overflowed(before: pa.ChunkedArray, after: pa.ChunkedArray) -> bool:
     """Whether a cast of fixed-size lists made finite values infinite (float32 -> float16 overflows to inf)."""
     def infinite(column: pa.ChunkedArray) -> int:

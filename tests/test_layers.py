@@ -40,7 +40,7 @@ def stage_modules() -> set[str]:
 
 def test_the_jobs_call_every_stage():
     assert stage_modules() == {"ingest", "recaption", "embed", "corpus", "finetune_text", "train_clip", "evaluate", "sweep", "refresh",
-                               "pipeline", "export"}
+                               "pipeline", "export", "serve"}
 
 
 def test_only_the_orchestrators_import_a_stage():

@@ -53,25 +53,26 @@ def served(tmp_path_factory, clip_store, cluster, ray_session):
     model = _model(root)
     (root / "token").write_text("s3cret-token\n")
     port = _free_port()
-    deployment = {"cpus": 0.25, "max_batch_size": 8}
+    deployment = {"cpus": 0.1, "max_batch_size": 8}  # small: the suite's cluster has 2 CPUs, and other tests' actors
     serve_cfg = {"model": str(model), "port": port, "app_name": APP, "token_file": str(root / "token"), "top_k": 5,
-                 "max_text_chars": 200, "max_request_bytes": 200_000, "index_batch_size": 16, "index_cpus": 0.25, "api_cpus": 0.25,
+                 "max_text_chars": 200, "max_request_bytes": 200_000, "index_batch_size": 16, "index_cpus": 0.1, "api_cpus": 0.1,
                  "clip_deployment": {**deployment, "replicas": 2}, "text_deployment": deployment,
                  "image_limits": {"max_pixels": 1_000_000, "max_bytes": 150_000}}
-    # first the test split's images, then every image: the second build embeds only the others
-    config = write_config(root / "serve.yaml", root / "store", cluster, models=CLIP_MODELS,
-                          embedded={"num_scenes": 60, "image_size": 64}, serve={**serve_cfg, "split": "test"})
-    first = run_stage_here("jobs.serve", config, cluster)
-    config = write_config(root / "serve.yaml", root / "store", cluster, models=CLIP_MODELS,
-                          embedded={"num_scenes": 60, "image_size": 64}, serve=serve_cfg)
-    result = run_stage_here("jobs.serve", config, cluster)
-    url = result.url
-    yield {"root": root, "model": model, "url": url, "first": first, "result": result, "auth": {"Authorization": "Bearer s3cret-token"},
-           "store": str(root / "store")}
     from ray import serve
 
-    connect_here(cluster)
-    serve.delete(APP)
+    try:  # the app goes whatever happens: left running, its replicas would hold the CPUs later tests need
+        # first the test split's images, then every image: the second build embeds only the others
+        config = write_config(root / "serve.yaml", root / "store", cluster, models=CLIP_MODELS,
+                              embedded={"num_scenes": 60, "image_size": 64}, serve={**serve_cfg, "split": "test"})
+        first = run_stage_here("jobs.serve", config, cluster)
+        config = write_config(root / "serve.yaml", root / "store", cluster, models=CLIP_MODELS,
+                              embedded={"num_scenes": 60, "image_size": 64}, serve=serve_cfg)
+        result = run_stage_here("jobs.serve", config, cluster)
+        yield {"root": root, "model": model, "url": result.url, "first": first, "result": result,
+               "auth": {"Authorization": "Bearer s3cret-token"}, "store": str(root / "store")}
+    finally:
+        connect_here(cluster)
+        serve.delete(APP)
 
 
 def _post(served, path: str, auth: bool = True, **kwargs) -> requests.Response:

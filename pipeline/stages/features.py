@@ -23,9 +23,8 @@ from pipeline.image_transforms import ImageSpec
 from pipeline.lineage import Lineage
 from pipeline.records import hidden, label
 from pipeline.stages.runtime import actor_pool
-from pipeline.store import Store, reject_row, utc_now
+from pipeline.store import Store, append_image_rejects
 from pipeline.versioning import code_version, stable_hash
-from schemas import STORE_SCHEMAS
 
 FEATURE_VERSION_PREFIX = "vis-"
 
@@ -127,7 +126,7 @@ def compute_features(store_uri: str, ref: str, images, image_size: int | None, m
     the feature store; returns the version and counts (images = written + skipped + rejected)."""
     version, dim, spec = feature_identity(ref, image_size)
     result = FeatureResult(version, dim, spec)
-    features, rejects = Store(store_uri, "features"), Store(store_uri, "rejects")
+    features = Store(store_uri, "features")
     images = images.select_columns(["image_id", "uri", "sha256"]).materialize()
     result.images = images.count()
     existing = features.read(version, columns=["image_id"]).column("image_id").combine_chunks() if features.commits(version) else pa.array([], pa.string())
@@ -149,10 +148,7 @@ def compute_features(store_uri: str, ref: str, images, image_size: int | None, m
         commit = txn.commit({"images": result.images, "skipped": result.skipped, "rejected": bad.num_rows})
     result.written = commit.num_rows if commit else 0
     result.rejected = dict(Counter(bad.column("reason").to_pylist()))
-    if bad.num_rows:
-        now = utc_now()
-        rows = [reject_row("features", i, r, d, now) for i, r, d in zip(*(bad.column(c).to_pylist() for c in ("image_id", "reason", "detail")))]
-        rejects.append(f"features.{version}", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["rejects"]), lineage)
+    append_image_rejects(store_uri, "features", f"features.{version}", bad, lineage)
     if result.images != result.written + result.skipped + bad.num_rows:
         raise RuntimeError(f"feature counts do not reconcile: {result}")
     return result

@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from pipeline.config import pool_bounds
 from pipeline.lineage import Lineage, StoreInput
 from pipeline.records import label
 from pipeline.stages.runtime import actor_pool
-from pipeline.store import Store, embedding_matrix, reject_row, utc_now
+from pipeline.store import Store, append_image_rejects, embedding_matrix
 from pipeline.versioning import code_version, stable_hash
-from schemas import STORE_SCHEMAS
 
 INDEX_VERSION_PREFIX = "idx-"
 
@@ -98,10 +98,6 @@ def _new_images(batch: pa.Table, existing: pa.Array) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch.column("image_id"), value_set=existing)))
 
 
-def _of_images(batch: pa.Table, wanted: pa.Array) -> pa.Table:
-    return batch.filter(pc.is_in(batch.column("image_id"), value_set=wanted))
-
-
 def _status(batch: pa.Table) -> pa.Table:
     return batch.select(["image_id", "reason", "detail"])
 
@@ -133,7 +129,7 @@ def build_index(store_uri: str, ref: str, dataset: str, split: str | None, max_b
     their lineage, and return the counts (images = written + skipped + rejected)."""
     version, dim = index_identity(ref, thumbnail_size)
     result = IndexResult(version, dataset, ref, dim)
-    index, rejects = Store(store_uri, "image_index"), Store(store_uri, "rejects")
+    index = Store(store_uri, "image_index")
     images = dataset_images(store_uri, dataset, split)
     result.images = images.num_rows
     existing = index.read(version, columns=["image_id"]).column("image_id").combine_chunks() if index.commits(version) else pa.array([], pa.string())
@@ -141,19 +137,17 @@ def build_index(store_uri: str, ref: str, dataset: str, split: str | None, max_b
     result.skipped = result.images - todo.num_rows
     if not todo.num_rows:
         return result
-    # Every task at the actors' CPUs: beside a running service (re-indexing after a refresh) a
-    # cluster may have less than one CPU free, which a default task (1 CPU) would wait for forever.
-    # (The manifest's files are the read's blocks: a large dataset spreads over the actors by them.)
-    manifest = Store(store_uri, "manifest")
-    computed = ray.data.read_parquet(manifest.files(dataset), filesystem=manifest.fs, columns=["image_id", "uri", "sha256"],
-                                     ray_remote_args={"num_cpus": cpus}).map_batches(
-        _of_images, fn_kwargs={"wanted": todo.column("image_id").combine_chunks()}, batch_format="pyarrow", num_cpus=cpus,
-    ).map_batches(
+    # Blocks made here (from_items starts no task) and every task at the actors' CPUs: beside a
+    # running service (re-indexing after a refresh) a small cluster may have less than a whole CPU
+    # free, which Ray Data's default helper tasks (reads, metadata) would wait for forever.
+    blocks = max(pool_bounds(actors)[1], -(-todo.num_rows // batch_size))
+    computed = ray.data.from_items(todo.to_pylist(), override_num_blocks=blocks).map_batches(
         ImageEmbedder, fn_constructor_kwargs=dict(ref=ref, version=version, max_bytes=max_bytes, thumbnail_size=thumbnail_size,
                                                   device="cuda" if gpus > 0 else "cpu"),
         batch_size=batch_size, batch_format="pyarrow", compute=actor_pool(actors), num_cpus=cpus, num_gpus=gpus).materialize()
     status = pa.concat_tables(ray.get(computed.map_batches(_status, batch_format="pyarrow", num_cpus=cpus).to_arrow_refs()))
     bad = status.filter(pc.not_equal(status.column("reason"), ""))
+    manifest = Store(store_uri, "manifest")
     lineage = Lineage(stage="index", inputs=[StoreInput("manifest", dataset, [c.commit_id for c in manifest.commits(dataset)])],
                       model=ref, model_fingerprint=version, dim=dim, code=code_version(), mlflow_run_id=run_id,
                       config={"split": split, "thumbnail_size": thumbnail_size})
@@ -163,10 +157,7 @@ def build_index(store_uri: str, ref: str, dataset: str, split: str | None, max_b
         commit = txn.commit({"images": result.images, "skipped": result.skipped, "rejected": bad.num_rows})
     result.written = commit.num_rows if commit else 0
     result.rejected = dict(Counter(bad.column("reason").to_pylist()))
-    if bad.num_rows:
-        now = utc_now()
-        rows = [reject_row("index", i, r, d, now) for i, r, d in zip(*(bad.column(c).to_pylist() for c in ("image_id", "reason", "detail")))]
-        rejects.append(f"index.{version}", pa.Table.from_pylist(rows, schema=STORE_SCHEMAS["rejects"]), lineage)
+    append_image_rejects(store_uri, "index", f"index.{version}", bad, lineage)
     if result.images != result.written + result.skipped + bad.num_rows:
         raise RuntimeError(f"index counts do not reconcile: {result}")
     return result
