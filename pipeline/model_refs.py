@@ -35,16 +35,11 @@ def registry_source(ref: str, tracking_uri: str | None) -> str:
         return ref
     from mlflow import MlflowClient
 
-    name, _, rest = ref[len("models:/"):].partition("/")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    if "@" in name:
-        name, alias = name.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias).version
-    else:
-        version, _, rest = rest.partition("/")
-        if not version.isdigit():  # models:/m-<id>: a logged model, found through the tracking server
-            return ref
-    source = client.get_model_version_download_uri(name, version)
+    name, _, rest = pin_alias(ref, tracking_uri)[len("models:/"):].partition("/")
+    version, _, rest = rest.partition("/")
+    if not version.isdigit():  # models:/m-<id>: a logged model, found through the tracking server
+        return ref
+    source = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(name, version)
     return f"{source.rstrip('/')}/{rest}" if rest else source
 
 

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import versioning
 from pipeline.versioning import stable_hash
 
 Pooling = Literal["mean", "weighted_mean", "last"]
@@ -220,12 +220,8 @@ class TextEncoder(nn.Module):
     def weights_digest(self) -> str:
         """sha256 over every parameter and buffer as float32 (cached; `refresh_version` after training)."""
         if self._weights_digest is None:
-            h = hashlib.sha256()
-            for name, tensor in sorted(self.model.state_dict().items()):
-                h.update(name.encode())
-                # float32 view of the weights as loaded from the checkpoint (from_pretrained hashes before casting)
-                h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-            self._weights_digest = h.hexdigest()
+            # float32 view of the weights as loaded from the checkpoint (from_pretrained hashes before casting)
+            self._weights_digest = versioning.weights_digest(self.model)
         return self._weights_digest
 
     def refresh_version(self) -> None:

@@ -34,6 +34,19 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def weights_digest(module) -> str:
+    """sha256 (hex) over a torch module's state dict (every parameter and buffer, by sorted name)
+    as float32: the same weights give the same digest whatever dtype or device they were loaded in."""
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @cache
 def code_version() -> dict[str, str | None]:
     """What code produced an artifact: the git commit when there is one, and always a

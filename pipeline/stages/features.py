@@ -9,7 +9,6 @@ and images that can no longer be read go to the rejects store, as in train-clip.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from pipeline.lineage import Lineage
 from pipeline.records import hidden, label
 from pipeline.stages.runtime import actor_pool
 from pipeline.store import Store, append_image_rejects
-from pipeline.versioning import code_version, stable_hash
+from pipeline.versioning import code_version, stable_hash, weights_digest
 
 FEATURE_VERSION_PREFIX = "vis-"
 
@@ -59,16 +58,9 @@ def load_tower(ref: str, image_size: int | None = None):
 @ray.remote
 def _probe_tower(ref: str, image_size: int | None) -> tuple[str, int, ImageSpec]:
     """(feature version, feature dim, image spec) of a vision tower, read where it can be loaded."""
-    import torch
-
     tower, spec = load_tower(ref, image_size)
     backbone = tower.backbone
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in sorted(backbone.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
-    version = FEATURE_VERSION_PREFIX + stable_hash({"weights": digest.hexdigest(), "size": spec.size, "mean": spec.mean, "std": spec.std}, 16)
+    version = FEATURE_VERSION_PREFIX + stable_hash({"weights": weights_digest(backbone), "size": spec.size, "mean": spec.mean, "std": spec.std}, 16)
     return version, int(backbone.config.hidden_size), spec
 
 
@@ -106,7 +98,8 @@ class TowerFeatures:
         })
 
 
-def _new_images(batch: pa.Table, existing: pa.Array) -> pa.Table:
+def new_images(batch: pa.Table, existing: pa.Array) -> pa.Table:
+    """The rows whose image_id is not in `existing` (what a version keyed by image_id lacks)."""
     # Arrow's hash lookup: np.isin on object (string) arrays compares every pair (quadratic)
     return batch.filter(pc.invert(pc.is_in(batch.column("image_id"), value_set=existing)))
 
@@ -130,7 +123,7 @@ def compute_features(store_uri: str, ref: str, images, image_size: int | None, m
     images = images.select_columns(["image_id", "uri", "sha256"]).materialize()
     result.images = images.count()
     existing = features.read(version, columns=["image_id"]).column("image_id").combine_chunks() if features.commits(version) else pa.array([], pa.string())
-    todo = images.map_batches(_new_images, fn_kwargs={"existing": existing}, batch_format="pyarrow") if len(existing) else images
+    todo = images.map_batches(new_images, fn_kwargs={"existing": existing}, batch_format="pyarrow") if len(existing) else images
     todo = todo.materialize()
     missing = todo.count()
     result.skipped = result.images - missing

@@ -11,7 +11,6 @@ Images that can no longer be read go to the rejects store, as in train-clip.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,7 +24,8 @@ from pipeline.lineage import Lineage, StoreInput
 from pipeline.records import label
 from pipeline.stages.runtime import actor_pool
 from pipeline.store import Store, append_image_rejects, embedding_matrix
-from pipeline.versioning import code_version, stable_hash
+from pipeline.stages.features import new_images
+from pipeline.versioning import code_version, stable_hash, weights_digest
 
 INDEX_VERSION_PREFIX = "idx-"
 
@@ -45,18 +45,11 @@ class IndexResult:
 @ray.remote(num_cpus=0.25)
 def _probe_model(ref: str, thumbnail_size: int) -> tuple[str, int]:
     """(index version, embedding dim) of an LLM2CLIP model, read where it can be loaded."""
-    import torch
-
     from pipeline.clip_model import LLM2CLIP
 
     model = LLM2CLIP.from_pretrained(ref)
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in sorted(model.vision.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
     spec = model.image_spec
-    identity = {"vision": digest.hexdigest(), "size": spec.size, "mean": spec.mean, "std": spec.std, "thumbnail": thumbnail_size}
+    identity = {"vision": weights_digest(model.vision), "size": spec.size, "mean": spec.mean, "std": spec.std, "thumbnail": thumbnail_size}
     return INDEX_VERSION_PREFIX + stable_hash(identity, 16), model.config.embed_dim
 
 
@@ -94,10 +87,6 @@ class ImageEmbedder:
         })
 
 
-def _new_images(batch: pa.Table, existing: pa.Array) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch.column("image_id"), value_set=existing)))
-
-
 def _status(batch: pa.Table) -> pa.Table:
     return batch.select(["image_id", "reason", "detail"])
 
@@ -133,7 +122,7 @@ def build_index(store_uri: str, ref: str, dataset: str, split: str | None, max_b
     images = dataset_images(store_uri, dataset, split)
     result.images = images.num_rows
     existing = index.read(version, columns=["image_id"]).column("image_id").combine_chunks() if index.commits(version) else pa.array([], pa.string())
-    todo = _new_images(images, existing) if len(existing) else images
+    todo = new_images(images, existing) if len(existing) else images
     result.skipped = result.images - todo.num_rows
     if not todo.num_rows:
         return result

@@ -215,6 +215,7 @@ def _caption_rows(setup: SearchSetup, image_ids: set[str]) -> tuple[list[str], l
 class SearchApi:
     async def __init__(self, setup: SearchSetup, clip, llm=None):
         self.setup, self.clip, self.llm = setup, clip, llm
+        self.page_html = PAGE.read_text()  # once, not per request
         self.auth = checks.BearerAuth(checks.read_token(setup.token_env, setup.token_file))
         ids = dataset_images(setup.store_uri, setup.dataset, setup.split).column("image_id").to_pylist()
         loaded = load_index(setup.store_uri, setup.index_version, ids)
@@ -247,11 +248,11 @@ class SearchApi:
         self.auth.check(request.headers.get("authorization"))
         declared = request.headers.get("content-length")
         checks.check_size(int(declared) if declared and declared.isdigit() else None, self.setup.max_request_bytes)
-        body = b""
+        body = bytearray()
         async for chunk in request.stream():
             body += chunk
             checks.check_size(len(body), self.setup.max_request_bytes)
-        return body
+        return bytes(body)
 
     async def _json(self, request: Request) -> dict:
         import json
@@ -302,7 +303,7 @@ class SearchApi:
 
     @api.get("/", response_class=HTMLResponse)
     def page(self) -> str:
-        return PAGE.read_text()
+        return self.page_html
 
     @api.post("/embed/text")
     async def embed_text(self, request: Request) -> dict:
