@@ -69,10 +69,11 @@ def crash_point(name: str, step: int | None = None) -> None:
     once = os.environ.get(CRASH_ONCE_DIR)
     if once:
         marker = Path(once) / name
-        if marker.exists():
-            return
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+        try:  # created exclusively: of the ranks that reach a point together, exactly one fires it
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
     pid = int(os.environ[DRIVER_PID]) if point.target == "driver" else os.getpid()
     print(f"crash point {name}: killing pid {pid} ({point.target})", flush=True)
     os.kill(pid, signal.SIGKILL)

@@ -315,7 +315,7 @@ def crash_job(module: str, config: Path, cluster: dict[str, str], points: list[s
     assert proc.wait(timeout=600) == -signal.SIGKILL, job_output(proc)  # a crash point killed the driver
     for point in points:
         assert (fired / point.split("@")[0].split(":")[0]).is_file(), f"{point} did not fire"
-    return job_output(proc)
+    return job_output(proc, 10**8)  # all of it
 
 
 def wait_for_checkpoint(results: str | Path, run_prefix: str, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> int:

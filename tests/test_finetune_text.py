@@ -4,6 +4,7 @@ hand-over to `jobs.embed`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,18 +104,25 @@ def test_zero3_trains_with_two_workers(store, cluster):
     assert TextEncoder.from_pretrained(result.encoder_path).encoder_version == result.encoder_version
 
 
-def test_the_driver_killed_mid_save_resumes_from_the_last_registered(tmp_path, store, cluster, ray_session):
-    """The driver dies while the workers save a ZeRO-2 checkpoint (a crash point in a worker kills
-    it): the re-run resumes from the last checkpoint Ray Train registered, never from the
-    half-saved one, with its tensors, lr and position in the epoch. (A worker killed mid-step, and
-    the replaced group that resumes, is drilled on the same shared trainer in test_train_clip.)"""
+def test_a_killed_worker_then_a_driver_killed_mid_save_resume_from_the_last_registered(tmp_path, store, cluster, ray_session):
+    """The shared trainer's two kill points (train-clip runs the same loop; its lost node is
+    drilled in test_pipeline). A worker dies mid-step: Ray Train replaces the group, which resumes
+    from the last checkpoint. Then the driver dies while the new group saves a ZeRO-2 checkpoint
+    (a crash point in a worker kills it): the re-run resumes from the last checkpoint Ray Train
+    registered, never from the half-saved one, with its tensors, lr and position in the epoch."""
     root = tmp_path
     (root / "store").symlink_to(store / "store")
-    # repeats make one epoch longer than the run, so the stop falls inside it
+    # repeats make one epoch longer than the run, so the stops fall inside it
     pairs = [{"first": "original", "second": "provided", "repeat": 10}, {"first": "original", "second": "original", "repeat": 10}]
-    config = _config(root, cluster, "faults", max_steps=16, epochs=10, checkpoint_every=4, register_as=None, seed=12, pairs=pairs)
-    # saves at steps 4 and 8; the driver dies while the workers save 12
-    crash_job("jobs.finetune_text", config, cluster, ["train.checkpoint_saving@step12:driver"], root / "fired")
+    config = _config(root, cluster, "faults", max_steps=16, epochs=10, checkpoint_every=4, register_as=None, seed=12, pairs=pairs,
+                     max_failures=1)
+    # saves at steps 4 and 8; a worker process dies in step 11 (one rank's SIGKILL), the replaced
+    # group resumes from 8 (or 4: a save counts once the controller has polled every rank's report);
+    # the driver dies while the new group saves 12
+    output = crash_job("jobs.finetune_text", config, cluster, ["train.step@step11:self", "train.checkpoint_saving@step12:driver"],
+                       root / "fired")
+    resumes = re.findall(r"resumed finetune-text-\w+ from step (\d+)", output)
+    assert len(set(resumes)) == 1 and resumes[0] in ("4", "8"), (resumes, output[-3000:])  # the replaced group, once
     registered = registered_step(root / "run" / "ray_results", "finetune-text-")
     # a save counts once Ray Train's controller has collected every rank's report: 8, or 4 if the
     # driver died before it polled the workers again; never 12

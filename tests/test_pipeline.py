@@ -34,6 +34,7 @@ from pipeline.plans import read_result
 from pipeline.stages.pipeline import plan_pipeline
 from pipeline.stages.train_clip import TrainClipResult
 from pipeline.stages.runtime import worker_runtime_env
+from pipeline.training import TrainState
 from tests.conftest import (MODELS_DIR, REPO, TEST_RUN_DIR, connect_here, job_env, job_output, load_result, run_job_here, wait_for_checkpoint, wait_until,
                             write_config)
 from tests.invariants import assert_kept, check_stores
@@ -165,11 +166,18 @@ def test_a_crash_between_stages_and_a_lost_node_in_train_clip_resume(killed):
     assert all(actions[s] == "ran" for s in ("finetune-text", "embed-finetuned", "train-clip", "evaluate")), actions
     # train-clip's own result: its workers restarted on the returned node, from the checkpoint registered before the kill
     storage = f"{killed['storage']}/ray_results"
-    trained = read_result(storage, uri.name(uri.parent(uri.parent(result.handover.model_path))), TrainClipResult)
+    run_name = uri.name(uri.parent(uri.parent(result.handover.model_path)))
+    trained = read_result(storage, run_name, TrainClipResult)
     assert trained.model_path == result.handover.model_path
     assert trained.resumed_from_step is not None and trained.resumed_from_step >= killed["checkpoint_step"]
     assert trained.steps >= trained.resumed_from_step and not trained.reused
     assert trained.resume_verified is True  # parameters, optimizer state and lr hashed as at the checkpoint
+    # the data position, on storage: the last epoch trained each of its samples once (global batch 8)
+    states = [TrainState.from_json(uri.read_text(uri.uri_of(storage, f.path))) for f in uri.list_files(storage)
+              if f.path.endswith("/train_state.json") and f"/{run_name}/checkpoint_" in f.path]
+    final = max(states, key=lambda s: s.step)
+    assert final.step == trained.steps and final.epoch == 2  # epochs: 3
+    assert len(final.trained) == 8 * (final.step - final.epoch_start_step)
 
 
 def test_no_store_gains_a_duplicate_and_nothing_committed_is_lost(killed):

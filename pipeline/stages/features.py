@@ -9,20 +9,19 @@ and images that can no longer be read go to the rejects store, as in train-clip.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from pipeline.config import pool_bounds
 from pipeline.image_transforms import ImageSpec
 from pipeline.lineage import Lineage
 from pipeline.records import hidden, label
+from pipeline.stages.image_rows import commit_image_rows, new_images, stored_ids
 from pipeline.stages.runtime import actor_pool
-from pipeline.store import Store, append_image_rejects
+from pipeline.store import Store
 from pipeline.versioning import code_version, stable_hash, weights_digest
 
 FEATURE_VERSION_PREFIX = "vis-"
@@ -98,16 +97,6 @@ class TowerFeatures:
         })
 
 
-def new_images(batch: pa.Table, existing: pa.Array) -> pa.Table:
-    """The rows whose image_id is not in `existing` (what a version keyed by image_id lacks)."""
-    # Arrow's hash lookup: np.isin on object (string) arrays compares every pair (quadratic)
-    return batch.filter(pc.invert(pc.is_in(batch.column("image_id"), value_set=existing)))
-
-
-def _readable(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch.column("reason"), "")).drop_columns(["reason", "detail"])
-
-
 def feature_identity(ref: str, image_size: int | None) -> tuple[str, int, ImageSpec]:
     """(feature version, dim, image spec) of a tower, from a small task where it can be loaded."""
     return ray.get(_probe_tower.remote(ref, image_size))
@@ -122,7 +111,7 @@ def compute_features(store_uri: str, ref: str, images, image_size: int | None, m
     features = Store(store_uri, "features")
     images = images.select_columns(["image_id", "uri", "sha256"]).materialize()
     result.images = images.count()
-    existing = features.read(version, columns=["image_id"]).column("image_id").combine_chunks() if features.commits(version) else pa.array([], pa.string())
+    existing = stored_ids(features, version)
     todo = images.map_batches(new_images, fn_kwargs={"existing": existing}, batch_format="pyarrow") if len(existing) else images
     todo = todo.materialize()
     missing = todo.count()
@@ -132,16 +121,8 @@ def compute_features(store_uri: str, ref: str, images, image_size: int | None, m
     computed = todo.repartition(max(pool_bounds(actors)[1], -(-missing // batch_size))).map_batches(
         TowerFeatures, fn_constructor_kwargs=dict(ref=ref, spec=spec, version=version, max_bytes=max_bytes), batch_size=batch_size,
         batch_format="pyarrow", compute=actor_pool(actors), num_cpus=1).materialize()
-    status = pa.concat_tables(ray.get(computed.select_columns(["image_id", "reason", "detail"]).to_arrow_refs()))
-    bad = status.filter(pc.not_equal(status.column("reason"), ""))
     lineage = Lineage(stage="features", vision=ref, feature_version=version, dim=dim, image_size=spec.size, image_mean=list(spec.mean),
                       image_std=list(spec.std), code=code_version(), mlflow_run_id=run_id)
-    with features.begin(version, lineage) as txn:
-        computed.map_batches(_readable, batch_format="pyarrow").write_parquet(txn.staging_dir, filesystem=txn.store.fs)
-        commit = txn.commit({"images": result.images, "skipped": result.skipped, "rejected": bad.num_rows})
-    result.written = commit.num_rows if commit else 0
-    result.rejected = dict(Counter(bad.column("reason").to_pylist()))
-    append_image_rejects(store_uri, "features", f"features.{version}", bad, lineage)
-    if result.images != result.written + result.skipped + bad.num_rows:
-        raise RuntimeError(f"feature counts do not reconcile: {result}")
+    committed = commit_image_rows(features, version, lineage, computed, result.images, result.skipped)
+    result.written, result.rejected = committed.written, committed.rejected
     return result

@@ -11,7 +11,6 @@ Images that can no longer be read go to the rejects store, as in train-clip.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +21,9 @@ import ray
 from pipeline.config import pool_bounds
 from pipeline.lineage import Lineage, StoreInput
 from pipeline.records import label
+from pipeline.stages.image_rows import commit_image_rows, new_images, stored_ids
 from pipeline.stages.runtime import actor_pool
-from pipeline.store import Store, append_image_rejects, embedding_matrix
-from pipeline.stages.features import new_images
+from pipeline.store import Store, embedding_matrix
 from pipeline.versioning import code_version, stable_hash, weights_digest
 
 INDEX_VERSION_PREFIX = "idx-"
@@ -87,14 +86,6 @@ class ImageEmbedder:
         })
 
 
-def _status(batch: pa.Table) -> pa.Table:
-    return batch.select(["image_id", "reason", "detail"])
-
-
-def _readable(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch.column("reason"), "")).drop_columns(["reason", "detail"])
-
-
 def index_identity(ref: str, thumbnail_size: int) -> tuple[str, int]:
     """(index version, dim) of a model, from a small task where it can be loaded."""
     return ray.get(_probe_model.remote(ref, thumbnail_size))
@@ -121,7 +112,7 @@ def build_index(store_uri: str, ref: str, dataset: str, split: str | None, max_b
     index = Store(store_uri, "image_index")
     images = dataset_images(store_uri, dataset, split)
     result.images = images.num_rows
-    existing = index.read(version, columns=["image_id"]).column("image_id").combine_chunks() if index.commits(version) else pa.array([], pa.string())
+    existing = stored_ids(index, version)
     todo = new_images(images, existing) if len(existing) else images
     result.skipped = result.images - todo.num_rows
     if not todo.num_rows:
@@ -134,21 +125,12 @@ def build_index(store_uri: str, ref: str, dataset: str, split: str | None, max_b
         ImageEmbedder, fn_constructor_kwargs=dict(ref=ref, version=version, max_bytes=max_bytes, thumbnail_size=thumbnail_size,
                                                   device="cuda" if gpus > 0 else "cpu"),
         batch_size=batch_size, batch_format="pyarrow", compute=actor_pool(actors), num_cpus=cpus, num_gpus=gpus).materialize()
-    status = pa.concat_tables(ray.get(computed.map_batches(_status, batch_format="pyarrow", num_cpus=cpus).to_arrow_refs()))
-    bad = status.filter(pc.not_equal(status.column("reason"), ""))
     manifest = Store(store_uri, "manifest")
     lineage = Lineage(stage="index", inputs=[StoreInput("manifest", dataset, [c.commit_id for c in manifest.commits(dataset)])],
                       model=ref, model_fingerprint=version, dim=dim, code=code_version(), mlflow_run_id=run_id,
                       config={"split": split, "thumbnail_size": thumbnail_size})
-    with index.begin(version, lineage) as txn:
-        computed.map_batches(_readable, batch_format="pyarrow", num_cpus=cpus).write_parquet(
-            txn.staging_dir, filesystem=txn.store.fs, ray_remote_args={"num_cpus": cpus})
-        commit = txn.commit({"images": result.images, "skipped": result.skipped, "rejected": bad.num_rows})
-    result.written = commit.num_rows if commit else 0
-    result.rejected = dict(Counter(bad.column("reason").to_pylist()))
-    append_image_rejects(store_uri, "index", f"index.{version}", bad, lineage)
-    if result.images != result.written + result.skipped + bad.num_rows:
-        raise RuntimeError(f"index counts do not reconcile: {result}")
+    committed = commit_image_rows(index, version, lineage, computed, result.images, result.skipped, cpus=cpus)
+    result.written, result.rejected = committed.written, committed.rejected
     return result
 
 
