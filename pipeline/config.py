@@ -755,6 +755,9 @@ class ServeConfig(Section):
     model: ModelRef | None = Field(None, description="the LLM2CLIP model: models:/NAME@ALIAS, models:/NAME/VERSION or a path; "
                                    "default models:/{train_clip.register_as}@{train_clip.register_alias}")
     text_encoder: ModelRef | None = Field(None, description="the LLM text encoder (llm tower); default the one the model records")
+    text_precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="the LLM text encoder's: auto is bf16 where the "
+                                                            "replica's hardware has it, as in embed and evaluate (whose embeddings "
+                                                            "the adapter was trained and scored on)")
     dataset: str | None = Field(None, description="manifest version whose images are searched; default ingest.dataset")
     split: Literal["train", "val", "test"] | None = Field(None, description="search this split only (None: every image)")
     caption_versions: list[str] = Field(default_factory=lambda: ["provided", "original"],

@@ -57,7 +57,8 @@ def served(tmp_path_factory, clip_store, cluster, ray_session):
     serve_cfg = {"model": str(model), "port": port, "app_name": APP, "token_file": str(root / "token"), "top_k": 5,
                  "max_text_chars": 200, "max_request_bytes": 200_000, "index_batch_size": 16, "index_cpus": 0.1, "api_cpus": 0.1,
                  "clip_deployment": {**deployment, "replicas": 2}, "text_deployment": deployment,
-                 "image_limits": {"max_pixels": 1_000_000, "max_bytes": 150_000}}
+                 "image_limits": {"max_pixels": 1_000_000, "max_bytes": 150_000},
+                 "text_precision": "fp32"}  # as the model's own API below, on any CPU (auto: bf16 where it has bf16)
     from ray import serve
 
     try:  # the app goes whatever happens: left running, its replicas would hold the CPUs later tests need

@@ -137,10 +137,11 @@ class ClipTowers:
 class LlmEncoder:
     """The LLM text encoder the model's adapter was trained on: raw (unnormalised) embeddings."""
 
-    def __init__(self, model: str, text_encoder: str | None, spec: ServeDeployment):
+    def __init__(self, model: str, text_encoder: str | None, precision: str, spec: ServeDeployment):
         import torch
 
         from pipeline.clip_model import LLM2CLIPConfig
+        from pipeline.hardware import resolve_precision
         from pipeline.text_encoder import TextEncoder
 
         torch.set_num_threads(max(1, int(spec.cpus)))
@@ -148,7 +149,9 @@ class LlmEncoder:
         ref = text_encoder or (recorded.text_encoder if recorded else None)
         if ref is None:
             raise ValueError("serve.text_encoder: the model records no text encoder; name it")
-        self.encoder = TextEncoder.from_pretrained(ref, device=_device(spec))
+        # resolved here, on the replica's hardware; in fp32 where embed ran bf16, ranks near a tie moved
+        dtype = resolve_precision(precision, spec.gpus > 0)
+        self.encoder = TextEncoder.from_pretrained(ref, dtype=dtype, device=_device(spec))
         expected = recorded.encoder_version if recorded else None
         if expected and self.encoder.encoder_version != expected:
             raise ValueError(f"serve.text_encoder: {ref} is encoder {self.encoder.encoder_version}, but the model's adapter "
@@ -378,7 +381,7 @@ def search_app(cfg: PipelineConfig, setup: SearchSetup):
     llm = None
     if setup.text_tower == "llm":
         llm = LlmEncoder.options(num_replicas=sc.text_deployment.replicas, ray_actor_options=_actor_options(sc.text_deployment))
-        llm = llm.bind(setup.model, sc.text_encoder, sc.text_deployment)
+        llm = llm.bind(setup.model, sc.text_encoder, sc.text_precision, sc.text_deployment)
     front = ServeDeployment(replicas=sc.api_replicas, cpus=sc.api_cpus)
     return SearchApi.options(num_replicas=sc.api_replicas, ray_actor_options=_actor_options(front)).bind(setup, clip, llm)
 
