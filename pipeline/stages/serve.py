@@ -55,7 +55,8 @@ class SearchSetup:
     split: str | None
     model: str  # pinned: models:/NAME/VERSION, a path or a storage URI
     text_tower: str  # "llm" or "clip"
-    encoder_version: str | None  # the embedding-store version holding the captions' LLM embeddings
+    text_encoder: str | None  # the LLM text encoder (llm tower): serve.text_encoder, else the one the model records
+    encoder_version: str | None  # the one the adapter was trained on; the embedding-store version of the captions
     caption_versions: tuple[str, ...]
     index_version: str
     top_k: int
@@ -137,24 +138,19 @@ class ClipTowers:
 class LlmEncoder:
     """The LLM text encoder the model's adapter was trained on: raw (unnormalised) embeddings."""
 
-    def __init__(self, model: str, text_encoder: str | None, precision: str, spec: ServeDeployment):
+    def __init__(self, text_encoder: str, expected: str | None, precision: str, spec: ServeDeployment):
+        """`expected`: the encoder_version the model's adapter was trained on (checked against the loaded encoder)."""
         import torch
 
-        from pipeline.clip_model import LLM2CLIPConfig
         from pipeline.hardware import resolve_precision
         from pipeline.text_encoder import TextEncoder
 
         torch.set_num_threads(max(1, int(spec.cpus)))
-        recorded = LLM2CLIPConfig.of_model(model)
-        ref = text_encoder or (recorded.text_encoder if recorded else None)
-        if ref is None:
-            raise ValueError("serve.text_encoder: the model records no text encoder; name it")
         # resolved here, on the replica's hardware; in fp32 where embed ran bf16, ranks near a tie moved
         dtype = resolve_precision(precision, spec.gpus > 0)
-        self.encoder = TextEncoder.from_pretrained(ref, dtype=dtype, device=_device(spec))
-        expected = recorded.encoder_version if recorded else None
+        self.encoder = TextEncoder.from_pretrained(text_encoder, dtype=dtype, device=_device(spec))
         if expected and self.encoder.encoder_version != expected:
-            raise ValueError(f"serve.text_encoder: {ref} is encoder {self.encoder.encoder_version}, but the model's adapter "
+            raise ValueError(f"serve.text_encoder: {text_encoder} is encoder {self.encoder.encoder_version}, but the model's adapter "
                              f"was trained on {expected}")
         self.encode.set_max_batch_size(spec.max_batch_size)
         self.encode.set_batch_wait_timeout_s(spec.batch_wait_s)
@@ -353,21 +349,25 @@ def pinned_model(cfg: PipelineConfig) -> str:
 
 
 @ray.remote(num_cpus=0.1)
-def _model_facts(ref: str) -> tuple[str, str | None]:
+def _model_config(ref: str):
     from pipeline.clip_model import LLM2CLIPConfig
 
     config = LLM2CLIPConfig.of_model(ref)
     if config is None:
         raise ValueError(f"serve.model: {ref} is not an LLM2CLIP model (no model config)")
-    return config.text_tower, config.encoder_version
+    return config
 
 
 def search_setup(cfg: PipelineConfig, model: str, index_version: str) -> SearchSetup:
+    """What the replicas need, the model's config read once here (not in every replica)."""
     sc = cfg.serve
-    text_tower, encoder_version = ray.get(_model_facts.options(runtime_env=worker_runtime_env()).remote(model))
+    recorded = ray.get(_model_config.options(runtime_env=worker_runtime_env()).remote(model))
+    text_encoder = sc.text_encoder or recorded.text_encoder
+    if recorded.text_tower == "llm" and text_encoder is None:
+        raise ValueError("serve.text_encoder: the model records no text encoder; name it")
     return SearchSetup(
-        store_uri=cfg.store.uri, dataset=sc.dataset or cfg.ingest.dataset, split=sc.split, model=model, text_tower=text_tower,
-        encoder_version=encoder_version, caption_versions=tuple(sc.caption_versions), index_version=index_version,
+        store_uri=cfg.store.uri, dataset=sc.dataset or cfg.ingest.dataset, split=sc.split, model=model, text_tower=recorded.text_tower,
+        text_encoder=text_encoder, encoder_version=recorded.encoder_version, caption_versions=tuple(sc.caption_versions), index_version=index_version,
         top_k=sc.top_k, max_top_k=sc.max_top_k, max_text_chars=sc.max_text_chars, max_request_bytes=sc.max_request_bytes,
         image_limits=sc.image_limits, token_env=sc.token_env, token_file=sc.token_file, approximate_from=sc.approximate_from,
         ef_search=sc.ef_search)
@@ -381,7 +381,7 @@ def search_app(cfg: PipelineConfig, setup: SearchSetup):
     llm = None
     if setup.text_tower == "llm":
         llm = LlmEncoder.options(num_replicas=sc.text_deployment.replicas, ray_actor_options=_actor_options(sc.text_deployment))
-        llm = llm.bind(setup.model, sc.text_encoder, sc.text_precision, sc.text_deployment)
+        llm = llm.bind(setup.text_encoder, setup.encoder_version, sc.text_precision, sc.text_deployment)
     front = ServeDeployment(replicas=sc.api_replicas, cpus=sc.api_cpus)
     return SearchApi.options(num_replicas=sc.api_replicas, ray_actor_options=_actor_options(front)).bind(setup, clip, llm)
 
